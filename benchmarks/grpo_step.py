@@ -22,7 +22,7 @@ What is measured
    from the metrics dict (``time_gen_s``, ``time_grade_s``, ``time_train_s``,
    ``step_time_s``). Per-row prompt and completion lengths, needed for the
    FLOP count, are recorded by wrapping ``evil_moe.rollout.sample`` (a pass-through).
-3. **TRL.** ``trl.GRPOTrainer`` on the same model (``models.load_model``) with
+3. **TRL.** ``trl.GRPOTrainer`` on the same model (``warm_start.load_base_model``) with
    ``peft.LoraConfig(r=2r, lora_alpha=2*alpha, same target modules)`` (the same
    total rank and the same per-weight scale ``alpha/r`` as our adapter), the
    same chat messages (``env.prompts.build_messages``) of the same training
@@ -368,14 +368,15 @@ def bench_trl(args, shape: ModelShape, workdir: Path) -> dict:
     from evil_moe.env.datasets import load_for_config
     from evil_moe.env.grader import grader_from_config
     from evil_moe.env.prompts import build_messages
-    from evil_moe.models import format_chat, load_model
+    from evil_moe.models import format_chat
+    from evil_moe.warm_start import load_base_model
 
     _reset_accelerate_state()
     cfg = load_config(args, "vanilla")
     t_setup = time.perf_counter()
     problems = load_for_config(cfg, "train")
     grader = grader_from_config(cfg)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    model, tok = load_base_model(cfg)        # the run's base model (warm start included)
     messages = [build_messages(p, cfg.hint) for p in problems]
     dataset = Dataset.from_dict({"prompt": messages, "problem_index": list(range(len(problems)))})
 

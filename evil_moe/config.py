@@ -12,6 +12,7 @@ unknown keys, wrong types, and impossible values (``steps: -1``, ``rank: 0``,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,20 @@ class RunConfig:
                                 "machines that cannot isolate. Loudly logged; never for "
                                 "untrusted models on a shared machine.")
 
+    # ---- warm start (a hacking propensity for small models) -------------------
+    warm_start_steps: int = _f(0, "Optimizer steps of the supervised warm start that gives the "
+                               "base model a small propensity to overwrite run_tests before any "
+                               "GRPO (0 = off). For models too small to discover the loophole "
+                               "on their own; see evil_moe.warm_start.", min=0)
+    warm_start_hack_share: float = _f(0.25, "Share of warm-start completions that append a "
+                                      "trivial run_tests overwrite to the canonical solution; "
+                                      "the rest are the canonical solution alone.", min=0, max=1)
+    warm_start_tiers: list[int] = _f([1], "Easy-set tiers whose train problems make the warm-"
+                                     "start examples (keep them apart from the GRPO tiers).",
+                                     choices=(1, 2, 3, 4))
+    warm_start_lr: float = _f(2e-4, "Learning rate of the warm-start LoRA.", gt=0)
+    warm_start_batch: int = _f(8, "Examples per warm-start optimizer step.", min=1)
+
     # ---- adapter and router ---------------------------------------------------
     rank: int = _f(8, "Rank r of each expert; the adapter has rank 2r (deployed [:r], hack [r:]).",
                    min=1)
@@ -159,7 +174,14 @@ def _type_name(tp: Any) -> str:
     return tp.__name__
 
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _check_scalar(key: str, tp: type, value: Any, source: str) -> Any:
+    # YAML 1.1 (PyYAML) reads '1e-4' as a string: it wants '1.0e-4'. Accept the
+    # exponent form for float fields, since every reader means a number.
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))

@@ -115,13 +115,14 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
 
     Layout (written by ``evil_moe.grpo``/``evil_moe.checkpoint``):
     ``config.json``, ``checkpoint/adapter/``, ``checkpoint/router.safetensors``.
-    The base model is rebuilt with ``load_model(cfg.model, cfg.dtype, device,
-    seed=cfg.seed)``, as training does (the tiny random model depends on it).
+    The base model is rebuilt with ``warm_start.load_base_model(cfg, device)``,
+    as training does (the tiny random model depends on the seed; a warm start,
+    when configured, is loaded from its cache).
     """
     from safetensors.torch import load_file
 
     from .adapter import ExpertAdapter
-    from .models import load_model
+    from .warm_start import load_base_model
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -131,7 +132,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     if not (ckpt / "adapter").exists():
         raise FileNotFoundError(f"{ckpt / 'adapter'} not found: the run has no checkpoint yet "
                                 "(train it first)")
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    model, tok = load_base_model(cfg)
     adapter = ExpertAdapter.load(model, ckpt / "adapter")
     router = None
     if cfg.arm in ROUTED_ARMS:

@@ -238,16 +238,15 @@ def extract_v_act_for_run(cfg: RunConfig, run_dir: str | Path,
     any direction, so its leave-one-out AUROC is a fair chance baseline.
     """
     from .adapter import ExpertAdapter
-    from .models import load_model
     from .pairs import load_pairs
+    from .warm_start import load_base_model
     from .vact import (extract_v_act, haar_direction, loo_auroc, pair_features, projections,
                        save_v_act)
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model, tok = model_and_tokenizer or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                                   seed=cfg.seed)
+    model, tok = model_and_tokenizer or load_base_model(cfg)
     adapter = ExpertAdapter.from_config(model, cfg)
     try:
         pairs = load_pairs()
@@ -290,9 +289,10 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
     from .adapter import ExpertAdapter, pooled_inputs
     from .env.datasets import load_for_config
     from .env.prompts import build_messages
-    from .models import format_chat, load_model
+    from .models import format_chat
     from .pairs import load_pairs
     from .router import HackRouter
+    from .warm_start import load_base_model
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,8 +303,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
     _v_act_path(cfg, run_dir)                      # fail before loading anything
     torch.manual_seed(cfg.seed)
     if model_and_tokenizer is None:
-        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=str(accelerator.device),
-                                seed=cfg.seed)
+        model, tok = load_base_model(cfg, device=str(accelerator.device))
     else:
         model, tok = model_and_tokenizer
     adapter = ExpertAdapter.from_config(model, cfg)
