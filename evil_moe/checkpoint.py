@@ -97,6 +97,14 @@ def exists(run_dir: Path) -> bool:
     return (Path(run_dir) / CHECKPOINT / "state.json").exists()
 
 
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The config dict the checkpoint in ``run_dir`` was written with."""
+    folder = Path(run_dir) / CHECKPOINT
+    if not exists(run_dir):
+        raise FileNotFoundError(f"no checkpoint in {folder}")
+    return json.loads((folder / "state.json").read_text())["config"]
+
+
 def load(run_dir: Path, *, adapter, router, optimizer, scheduler) -> dict[str, Any]:
     """Restore every piece of state in place; returns the state dict (``step``, ``config``)."""
     folder = Path(run_dir) / CHECKPOINT

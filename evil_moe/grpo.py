@@ -521,6 +521,24 @@ def _check_finite(loss: torch.Tensor, step: int, state: TrainState, **terms) -> 
                              f"raise grad_clip or check the rewards, then resume.")
 
 
+# Fields that do not change what training computes; a resumed run may differ in them.
+RESUME_FREE_FIELDS = ("preset", "device", "arms", "seeds", "test_problems", "eval_samples",
+                      "eval_temperature", "eval_max_new_tokens", "bootstrap", "checkpoint_every",
+                      "sample_every", "sandbox_workers")
+
+
+def _check_resumable(cfg: RunConfig, saved: dict, run_dir: Path) -> None:
+    """A checkpoint continues only the run that wrote it: refuse any other config."""
+    now = cfg.to_dict()
+    differ = sorted(k for k in now if k not in RESUME_FREE_FIELDS and saved.get(k) != now[k])
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ[:6])
+        raise ValueError(
+            f"{run_dir} holds a checkpoint of a run with another config ({detail}"
+            f"{', ...' if len(differ) > 6 else ''}); resuming would mix two runs. Start over "
+            f"with resume=False (`--no-resume`), or use another run dir")
+
+
 def checkpoint_step(run_dir: Path) -> int:
     state = json.loads((Path(run_dir) / checkpoint.CHECKPOINT / "state.json").read_text())
     return state["step"]
@@ -554,6 +572,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     grade_fn: replaces the sandboxed grader, ``(problems, texts) -> verdicts``
         (tests use a deterministic scripted reward).
     """
+    if resume and checkpoint.exists(run_dir):        # fail before loading anything
+        _check_resumable(cfg, checkpoint.saved_config(run_dir), Path(run_dir))
     state = setup(cfg, run_dir, grade_fn=grade_fn, model_and_tokenizer=model_and_tokenizer)
     run_dir, acc = state.run_dir, state.accelerator
     metrics_path, samples_path = run_dir / METRICS_FILE, run_dir / SAMPLES_FILE

@@ -268,13 +268,16 @@ def execute_step(step: Step) -> None:
         "finished_at": step.finished_at}, indent=2) + "\n")
 
 
+CHANGED = "config or parameters changed since the last run"
+
+
 def _is_done(step: Step) -> tuple[bool, str]:
     """Whether a step can be skipped, and why it cannot."""
     marker = step.read_marker()
     if marker is None or not step.output.exists():
         return False, "not run yet"
     if marker.get("fingerprint") != step.fingerprint:
-        return False, "config or parameters changed since the last run"
+        return False, CHANGED
     step.wall_time_s = marker.get("wall_time_s")
     step.finished_at = marker.get("finished_at")
     return True, ""
@@ -308,9 +311,17 @@ def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = Fal
         return True
 
     for chain in chains:
-        stale = force
-        for step in chain:
-            stale = one(step, stale, "an earlier step of this run executed") or stale
+        changed = [why for done, why in map(_is_done, chain) if why == CHANGED]
+        stale = force or bool(changed)
+        if stale and chain[0].out_dir.exists():
+            # A run folder holds one run: its checkpoint and metrics belong to the config
+            # that wrote them, so a changed (or forced) run starts over from an empty folder.
+            log(f"{chain[0].out_dir}: {'forced' if force else CHANGED}; clearing the run folder")
+            shutil.rmtree(chain[0].out_dir)
+        for k, step in enumerate(chain):
+            why = ("forced" if force else CHANGED) if k == 0 else \
+                "an earlier step of this run executed"
+            stale = one(step, stale, why) or stale
     for step in finals:
         one(step, force or any_ran, "a run it reads executed")
 

@@ -103,6 +103,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert len(_metrics(tmp_path)) == 1
 
 
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, tiny):
+    cfg = load_preset("smoke", arm="vanilla", steps=1)
+    grpo.train(cfg, tmp_path, grade_fn=scripted_verdicts, progress=False,
+               model_and_tokenizer=tiny).adapter.remove()
+    with pytest.raises(ValueError, match=r"another config \(lr: 0.0001 -> 0.001.*--no-resume"):
+        grpo.train(cfg.replace(lr=1e-3), tmp_path, grade_fn=scripted_verdicts, progress=False,
+                   model_and_tokenizer=tiny)
+    # evaluation-only fields do not change what training computes: resuming is fine
+    state = grpo.train(cfg.replace(eval_samples=7, steps=1), tmp_path, grade_fn=scripted_verdicts,
+                       progress=False, model_and_tokenizer=tiny)
+    state.adapter.remove()
+    # and starting over is always allowed
+    state = grpo.train(cfg.replace(lr=1e-3), tmp_path, resume=False, grade_fn=scripted_verdicts,
+                       progress=False, model_and_tokenizer=tiny)
+    state.adapter.remove()
+    assert len(_metrics(tmp_path)) == 1
+
+
 def _run(args, check=True):
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     return subprocess.run([sys.executable, str(TESTS / "_train_scripted.py"), *map(str, args)],

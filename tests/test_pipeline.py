@@ -206,15 +206,22 @@ def test_a_failing_data_files_hook_still_leaves_a_manifest(env, capsys):
 
 def test_force_reruns_and_a_missing_marker_reruns_the_rest_of_its_run(env):
     cfg = env["cfg"].replace(arms=["vanilla"])
+    stray = env["runs"] / "vanilla-s0" / "checkpoint-of-the-old-run"
+    stray.write_text("x")
     rc = pipeline.run(cfg, preset="smoke", force=True, build=False, **env["kw"])
     assert rc == 0
-    assert [count(env["runs"] / "vanilla-s0", n) for n in PER_RUN] == [2, 2]
+    # a forced run starts from an empty folder: the counters restart, the stray file is gone
+    assert [count(env["runs"] / "vanilla-s0", n) for n in PER_RUN] == [1, 1]
+    assert not stray.exists()
     assert count(env["runs"], "04_all") == 2
     assert [count(env["runs"] / "evil_moe-s0", n) for n in PER_RUN] == [1, 1]  # not asked for
-    # losing the first marker reruns the first step and everything after it
+    # losing the first marker reruns the first step and everything after it, in place
+    # (an interrupted run resumes from its files)
+    stray.write_text("x")
     (env["runs"] / "vanilla-s0" / "01_first.done.json").unlink()
     assert pipeline.run(cfg, preset="smoke", build=False, **env["kw"]) == 0
-    assert [count(env["runs"] / "vanilla-s0", n) for n in PER_RUN] == [3, 3]
+    assert [count(env["runs"] / "vanilla-s0", n) for n in PER_RUN] == [2, 2]
+    assert stray.exists()
     assert count(env["runs"], "04_all") == 3
 
 
@@ -223,8 +230,10 @@ def test_changed_config_reruns_only_the_affected_steps(env):
     logs: list[str] = []
     rc = pipeline.run(cfg, preset="smoke", build=False, **{**env["kw"], "log": logs.append})
     assert rc == 0
-    assert [count(env["runs"] / "evil_moe-s0", n) for n in PER_RUN] == [2, 2]
-    assert any("config or parameters changed" in line for line in logs), logs
+    # the run's folder was cleared (its checkpoint belongs to the old config) and rerun
+    assert [count(env["runs"] / "evil_moe-s0", n) for n in PER_RUN] == [1, 1]
+    assert any("config or parameters changed" in line and "clearing the run folder" in line
+               for line in logs), logs
 
 
 def test_stops_at_the_first_failing_notebook_with_its_error(env, tmp_path, capsys):
