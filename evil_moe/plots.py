@@ -18,14 +18,20 @@ ARM_COLORS = {"evil_moe": "#c0392b", "vanilla": "#34495e", "haar": "#8e44ad", "n
 
 
 def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], title: str = "") -> plt.Figure:
-    """Reward, hack rate, solve rate, mean w (hack vs not) and KL per step.
+    """Reward, hack rate, solve rate, share defining run_tests, mean w (hack vs not)
+    and KL per step.
+
+    The hack and solve rates jump with each step's draw of problems; the share
+    of rollouts that define ``run_tests`` is the smoother sign of a policy
+    turning to the loophole.
 
     metrics: one run's ``metrics.jsonl`` as a DataFrame, or ``{label: DataFrame}``
     to overlay several runs (arms, seeds).
     """
     runs = metrics if isinstance(metrics, dict) else {"": metrics}
     panels = [("reward", "reward"), ("hack_rate", "hack rate"), ("solve_rate", "solve rate"),
-              ("w", "router weight w"), ("kl", "KL to base (k3)")]
+              ("run_tests_rate", "share defining run_tests"), ("w", "router weight w"),
+              ("kl", "KL to base (k3)")]
     fig, grid = plt.subplots(2, 3, figsize=(10.5, 5.6), squeeze=False)
     axes = [list(grid.flatten()[:len(panels)])]
     for ax in grid.flatten()[len(panels):]:
@@ -43,7 +49,7 @@ def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], title: str 
                 ax.plot(df["step"], df[key], "-o", ms=3, color=color, label=name or None)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
-        if key in ("hack_rate", "solve_rate", "w"):
+        if key in ("hack_rate", "solve_rate", "run_tests_rate", "w"):
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     handles = [ax.get_legend_handles_labels() for ax in axes[0]]
