@@ -3,8 +3,8 @@
 
 Run (from the repository root, venv active, TRL installed: ``pip install -e '.[bench]'``)::
 
-    python benchmarks/grpo_step.py                      # cpu-demo preset, 3 measured steps
-    python benchmarks/grpo_step.py --bf16 --json out.json
+    python benchmarks/grpo_step.py                      # cpu-demo preset (bf16 autocast), 3 steps
+    python benchmarks/grpo_step.py --fp32 --json out.json   # both in fp32
     python benchmarks/grpo_step.py --preset smoke --steps 1      # a quick check (tiny-random)
 
 It prints numbers only (no assertions). Goals of issue 5 item 8: ours/TRL step
@@ -193,8 +193,7 @@ def load_config(args, arm: str = "evil_moe"):
     over = {"arm": arm}
     if args.model:
         over["model"] = args.model
-    if args.bf16:
-        over["bf16_autocast"] = True
+    over["bf16_autocast"] = bool(args.bf16)   # one precision for ours and TRL (see main)
     if args.allow_unisolated:
         over["allow_unisolated"] = True
     cfg = load_preset(args.preset, **over)
@@ -568,7 +567,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-trl", action="store_true", help="only our two arms")
     ap.add_argument("--skip-ours", action="store_true", help="only TRL (for debugging)")
     ap.add_argument("--bf16", action="store_true",
-                    help="bf16 autocast in ours (bf16_autocast) and bf16=True in TRL")
+                    help="bf16 autocast in ours (bf16_autocast) and bf16=True in TRL "
+                         "(default: the preset's bf16_autocast)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="fp32 in both, whatever the preset says")
     ap.add_argument("--trl-generate-autocast", action="store_true",
                     help="with --bf16: also run TRL's generation under bf16 autocast (TRL 1.16 "
                          "unwraps the model for generate(), which drops Accelerate's autocast, so "
@@ -581,6 +583,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    if args.bf16 and args.fp32:
+        ap.error("--bf16 and --fp32 exclude each other")
+    if not (args.bf16 or args.fp32):      # the preset decides, for ours and TRL alike
+        from evil_moe.config import load_preset
+        args.bf16 = load_preset(args.preset).bf16_autocast
 
     from evil_moe.models import load_model
 
