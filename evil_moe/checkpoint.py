@@ -97,20 +97,18 @@ def exists(run_dir: Path) -> bool:
     return (Path(run_dir) / CHECKPOINT / "state.json").exists()
 
 
-def saved_config(run_dir: Path) -> dict[str, Any]:
-    """The config dict the checkpoint in ``run_dir`` was written with."""
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """The checkpoint's ``state.json``: ``step``, ``config`` and the optimizer structure."""
     folder = Path(run_dir) / CHECKPOINT
     if not exists(run_dir):
         raise FileNotFoundError(f"no checkpoint in {folder}")
-    return json.loads((folder / "state.json").read_text())["config"]
+    return json.loads((folder / "state.json").read_text())
 
 
 def load(run_dir: Path, *, adapter, router, optimizer, scheduler) -> dict[str, Any]:
     """Restore every piece of state in place; returns the state dict (``step``, ``config``)."""
     folder = Path(run_dir) / CHECKPOINT
-    if not exists(run_dir):
-        raise FileNotFoundError(f"no checkpoint in {folder}")
-    state = json.loads((folder / "state.json").read_text())
+    state = read_state(run_dir)
     adapter.load_state_dict(load_file(folder / "adapter" / "adapter.safetensors"))
     if router is not None:
         router.load_state_dict(load_file(folder / "router.safetensors"))

@@ -540,8 +540,7 @@ def _check_resumable(cfg: RunConfig, saved: dict, run_dir: Path) -> None:
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    state = json.loads((Path(run_dir) / checkpoint.CHECKPOINT / "state.json").read_text())
-    return state["step"]
+    return checkpoint.read_state(run_dir)["step"]
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -573,7 +572,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
         (tests use a deterministic scripted reward).
     """
     if resume and checkpoint.exists(run_dir):        # fail before loading anything
-        _check_resumable(cfg, checkpoint.saved_config(run_dir), Path(run_dir))
+        _check_resumable(cfg, checkpoint.read_state(run_dir)["config"], Path(run_dir))
     state = setup(cfg, run_dir, grade_fn=grade_fn, model_and_tokenizer=model_and_tokenizer)
     run_dir, acc = state.run_dir, state.accelerator
     metrics_path, samples_path = run_dir / METRICS_FILE, run_dir / SAMPLES_FILE
