@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import paths
-from .config import RunConfig
+from .config import TARGET_MODULES, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ OVERWRITES = (
 
 LORA_RANK = 8
 LORA_ALPHA = 16.0
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CACHE_VERSION = 1  # bump when the recipe below changes what a key produces
 
 
@@ -116,7 +115,7 @@ def _key(cfg: RunConfig, examples: list[tuple[str, str, bool]]) -> str:
 def _lora(model):
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                        target_modules=LORA_TARGETS, init_lora_weights=True)
+                        target_modules=list(TARGET_MODULES), init_lora_weights=True)
     with warnings.catch_warnings():   # PEFT 0.21 calls a transformers API deprecated in 5.x
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
