@@ -63,8 +63,7 @@ costs ``4 n_l d_att t`` (QK^T and AV). Per row:
   implementation overhead and are not counted.
 - pin loss (``evil_moe`` arm only): no model forward per step. ``grpo.setup``
   pools the pairs' base-model inputs once; each step multiplies them by
-  ``A[:r]`` (a few MFLOPs, not counted). ``step_flops`` still takes forward
-  lengths for callers that run pair forwards.
+  ``A[:r]`` (a few MFLOPs, not counted).
 
 Check: on SmolLM2-135M the linear + LM-head part of this count equals
 ``torch.utils.flop_counter.FlopCounterMode`` exactly for a forward and for the
@@ -164,10 +163,9 @@ def _tri(a: int, b: int) -> int:
     return 0 if b < a else (a + b) * (b - a + 1) // 2
 
 
-def step_flops(shape: ModelShape, rows: list[tuple[int, int]], rank_total: int,
-               pin_rows: list[int] = ()) -> dict:
+def step_flops(shape: ModelShape, rows: list[tuple[int, int]], rank_total: int) -> dict:
     """Model FLOPs of one GRPO step from per-rollout ``(prompt_len, completion_len)``
-    and the token lengths of the pin-loss forwards (see the module docstring)."""
+    (see the module docstring)."""
     N, H, att = shape.n_linear, shape.lm_head, 4 * shape.n_layers * shape.d_att
     lora = 2 * rank_total * shape.lora_dims
     gen = ref = fwd = bwd = adapter = 0
@@ -179,11 +177,9 @@ def step_flops(shape: ModelShape, rows: list[tuple[int, int]], rank_total: int,
         fwd += full
         bwd += 2 * N * L + 2 * att * _tri(1, L) + 2 * H * c
         adapter += 3 * lora * L
-    pin = sum(2 * N * L + att * _tri(1, L) + 2 * H for L in pin_rows)
-    total = gen + ref + fwd + bwd + adapter + pin
+    total = gen + ref + fwd + bwd + adapter
     return {"gen": gen, "ref": ref, "train_fwd": fwd, "train_bwd": bwd, "adapter": adapter,
-            "pin": pin, "total": total,
-            "gen_phase": gen, "train_phase": ref + fwd + bwd + adapter + pin}
+            "total": total, "gen_phase": gen, "train_phase": ref + fwd + bwd + adapter}
 
 
 # ---- common setup ----------------------------------------------------------------------------
@@ -247,9 +243,6 @@ def bench_ours(args, arm: str, shape: ModelShape, workdir: Path) -> dict:
         grpo.extract_v_act_for_run(cfg, run_dir)
     state = grpo.setup(cfg, run_dir)
     setup_s = time.perf_counter() - t0
-    # The pin loss runs no model forward per step: the pairs' base-model inputs are pooled
-    # once in setup and each step only multiplies them by A[:r] (not counted: negligible).
-    pin_rows: list[int] = []
     steps = []
     try:
         for step in range(args.steps + 1):
@@ -260,7 +253,7 @@ def bench_ours(args, arm: str, shape: ModelShape, workdir: Path) -> dict:
                 raise RuntimeError(f"recorded {len(rows)} rollouts, expected P*G; grpo.train_step "
                                    "no longer samples through evil_moe.rollout.sample, so the "
                                    "FLOP count cannot see its token counts")
-            fl = step_flops(shape, rows, 2 * cfg.rank, pin_rows)
+            fl = step_flops(shape, rows, 2 * cfg.rank)
             rec = {"step": step, "warmup": step == 0,
                    "step_s": m["step_time_s"], "gen_s": m["time_gen_s"],
                    "grade_s": m["time_grade_s"], "train_s": m["time_train_s"],
@@ -278,7 +271,7 @@ def bench_ours(args, arm: str, shape: ModelShape, workdir: Path) -> dict:
         if state.grader is not None:                  # the loop's own grader, created lazily
             state.grader.close()
     return {"name": f"ours:{arm}", "arm": arm, "setup_s": setup_s, "steps": steps,
-            "pin_forwards": len(pin_rows), "micro_batch_size": cfg.micro_batch_size}
+            "micro_batch_size": cfg.micro_batch_size}
 
 
 # ---- 3. TRL ----------------------------------------------------------------------------------
@@ -542,7 +535,7 @@ def print_report(res: dict) -> None:
               f"{s['s_per_1k_completion_tokens']:>9.2f}")
     print("  phase GFLOP/s (model FLOPs of the phase / its time):")
     for name, s in summ.items():
-        print(f"    {name:<14} generation {s['gen_gflops']:.1f}, training (ref+pool+fwd+bwd+pin) "
+        print(f"    {name:<14} generation {s['gen_gflops']:.1f}, training (ref+pool+fwd+bwd) "
               f"{s['train_gflops']:.1f}")
     print("-" * 100)
     for key, (value, goal, op) in res["ratios"].items():
