@@ -290,12 +290,14 @@ def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = Fal
     i = 0
     any_ran = False
 
-    def one(step: Step, stale: bool, why_stale: str) -> bool:
+    def one(step: Step, stale: bool, why_stale: str,
+            status: tuple[bool, str] | None = None) -> bool:
+        """Run or skip one step; ``status`` is its ``_is_done`` if already read."""
         nonlocal i, any_ran
         i += 1
         head = f"[{i}/{total}] {step.label}"
         if not stale:
-            done, why = _is_done(step)
+            done, why = status or _is_done(step)
             if done:
                 step.status = "skipped"
                 log(f"{head}: done already ({step.wall_time_s:.1f} s on {step.finished_at}); "
@@ -311,8 +313,8 @@ def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = Fal
         return True
 
     for chain in chains:
-        changed = [why for done, why in map(_is_done, chain) if why == CHANGED]
-        stale = force or bool(changed)
+        status = [_is_done(step) for step in chain]
+        stale = force or any(why == CHANGED for _, why in status)
         if stale and chain[0].out_dir.exists():
             # A run folder holds one run: its checkpoint and metrics belong to the config
             # that wrote them, so a changed (or forced) run starts over from an empty folder.
@@ -321,7 +323,7 @@ def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = Fal
         for k, step in enumerate(chain):
             why = ("forced" if force else CHANGED) if k == 0 else \
                 "an earlier step of this run executed"
-            stale = one(step, stale, why) or stale
+            stale = one(step, stale, why, status[k]) or stale
     for step in finals:
         one(step, force or any_ran, "a run it reads executed")
 
