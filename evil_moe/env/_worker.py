@@ -658,36 +658,33 @@ class Worker:
                 shutil.rmtree(self.jail, ignore_errors=True)
 
 
+def _proc_files(name: str):
+    """``(pid, text of /proc/<pid>/<name>)`` for every process still there when read."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/{name}") as f:
+                yield int(entry), f.read()
+        except OSError:                # the process ended between listdir and open
+            continue
+
+
 def _processes_of_uid(uid: int) -> list[int]:
     """Pids of live (not zombie) processes whose real uid is ``uid`` (from /proc)."""
     out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
+    for pid, text in _proc_files("status"):
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         if int(fields.get("Uid", "-1 ").split()[0]) == uid and \
                 fields.get("State", "").split()[0] not in ("Z", "X"):
-            out.append(int(name))
+            out.append(pid)
     return out
 
 
 def _children_of(ppid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == ppid:
-            out.append(int(name))
-    return out
+    """Pids of the processes whose parent is ``ppid`` (from /proc/<pid>/stat)."""
+    return [pid for pid, text in _proc_files("stat")
+            if int(text.rsplit(")", 1)[1].split()[1]) == ppid]
 
 
 def main(argv: list[str]) -> int:
