@@ -126,7 +126,7 @@ def _train(peft_model, tokenizer, cfg: RunConfig, examples, progress: bool) -> l
     """Plain SFT on the completions: AdamW, constant lr, seeded batches."""
     from tqdm.auto import tqdm
 
-    from .grpo import completion_logprobs, pack_rollouts
+    from .sequences import completion_logprobs, pack_rollouts
 
     device = peft_model.device
     params = [p for p in peft_model.parameters() if p.requires_grad]

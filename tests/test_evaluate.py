@@ -141,7 +141,7 @@ def _set_hack_block(model, tok, adapter, prompts):
     """
     import torch
 
-    from evil_moe.grpo import pack_rollouts
+    from evil_moe.sequences import pack_rollouts
 
     target = tok(HACK_RESPONSE, add_special_tokens=False).input_ids
     prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
@@ -299,7 +299,7 @@ def test_shared_prefix_pooling_matches_full_sequences(hacking_run):
     completions; it must equal pooling a full [prompt | completion] forward per row."""
     import torch
 
-    from evil_moe.grpo import pack_rollouts
+    from evil_moe.sequences import pack_rollouts
 
     run, _, _ = hacking_run
     model, tok, adapter = run.model, run.tokenizer, run.adapter

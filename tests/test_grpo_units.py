@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from evil_moe.grpo import (completion_logprobs, group_advantages, k3_kl, pack_rollouts,
-                           policy_terms, step_problem_indices, warmup_cosine)
+from evil_moe.grpo import (group_advantages, k3_kl, policy_terms, step_problem_indices,
+                           warmup_cosine)
+from evil_moe.sequences import completion_logprobs, pack_rollouts
 
 
 def test_group_advantages_hand_computed():
