@@ -131,6 +131,10 @@ class RunConfig:
     grad_clip: float = _f(1.0, "Max global grad norm (0 = no clipping).", min=0)
     micro_batch_size: int = _f(16, "Rollouts per training forward/backward; the step's gradient "
                                "is accumulated over micro-batches (memory, not math).", min=1)
+    logprob_chunk_tokens: int = _f(2048, "Completion tokens whose float32 logits [chunk, V] are "
+                                   "materialised at once when scoring log-probabilities (the LM "
+                                   "head runs in chunks and is recomputed in the backward); memory, "
+                                   "not math.", min=1)
     bf16_autocast: bool = _f(False, "Run model forwards under bfloat16 autocast (fast on GPUs and "
                              "on CPUs with AMX/AVX512-BF16); master weights stay in dtype.")
     checkpoint_every: int = _f(1, "Save a resumable checkpoint every N steps.", min=1)

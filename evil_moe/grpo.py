@@ -372,7 +372,8 @@ def train_step(state: TrainState, step: int) -> dict:
         for s in range(0, len(texts), mb):
             with adapter.pooling(completion_mask[s:s + mb]) as pooled:
                 ref_logp.append(completion_logprobs(model, input_ids[s:s + mb],
-                                                    attention[s:s + mb], C))
+                                                    attention[s:s + mb], C,
+                                                    cfg.logprob_chunk_tokens))
             features.append(pooled.features)
     ref_logp = torch.cat(ref_logp)                                            # [B, C]
     features = torch.cat(features)                                            # [B, M, r]
@@ -391,7 +392,8 @@ def train_step(state: TrainState, step: int) -> dict:
             else:
                 ctx = contextlib.nullcontext()
             with ctx:
-                logp = completion_logprobs(model, input_ids[sl], attention[sl], C)
+                logp = completion_logprobs(model, input_ids[sl], attention[sl], C,
+                                           cfg.logprob_chunk_tokens)
         pg, kl = policy_terms(logp, ref_logp[sl], advantages[sl].to(dev), mask[sl], n_tokens)
         loss = pg + cfg.beta * kl
         _check_finite(loss, step, state, pg=pg, kl=kl)

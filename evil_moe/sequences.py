@@ -33,15 +33,70 @@ def pack_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]], 
     return input_ids, attention, completion, C
 
 
-def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        C: int) -> torch.Tensor:
-    """Log-probabilities of the last C columns' tokens. -> [B, C].
+DEFAULT_CHUNK_TOKENS = 2048
+"""Completion tokens whose logits are materialised at once (``[chunk, V]`` float32)."""
 
-    Only the C positions that predict completion tokens go through the LM head
-    (``logits_to_keep``), which saves the head's cost on every prompt token.
+
+def _check_plain_head(model) -> torch.nn.Module:
+    """The LM head, if logits are exactly ``head(final hidden state)``; else a clear error."""
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    odd = [k for k in ("final_logit_softcapping", "logit_scale")
+           if getattr(config, k, None) not in (None, 1.0)]
+    if not isinstance(head, torch.nn.Linear) or odd:
+        raise NotImplementedError(
+            f"chunked log-probabilities need logits = lm_head(hidden); {type(model).__name__} has "
+            f"{'a non-Linear head' if not isinstance(head, torch.nn.Linear) else ', '.join(odd)}")
+    return head
+
+
+def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(head(hidden))[target]`` per row. hidden: [N, d], targets: [N] -> [N]."""
+    logits = head(hidden).float()                                          # [N, V]
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  mask: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Log-probabilities of ``targets`` under ``head(hidden)``, never all logits at once.
+
+    hidden: [B, C, d] (the state that predicts each target), targets, mask: [B, C].
+    Only the masked tokens go through the head, ``chunk_tokens`` of them at a
+    time: a chunk's float32 logits ``[chunk, V]`` are the largest tensor. With
+    gradients on, each chunk is checkpointed (its logits are recomputed in the
+    backward instead of kept), so the backward never holds more than one chunk
+    either. Returns [B, C], 0 where ``mask`` is 0.
     """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    where = mask.bool()
+    h, t = hidden[where], targets[where]                                   # [N, d], [N]
+    pieces = []
+    for s in range(0, h.shape[0], chunk_tokens):
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(torch.utils.checkpoint.checkpoint(
+                _token_logprobs, head, h[s:s + chunk_tokens], t[s:s + chunk_tokens],
+                use_reentrant=False))
+        else:
+            pieces.append(_token_logprobs(head, h[s:s + chunk_tokens], t[s:s + chunk_tokens]))
+    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(targets.shape, dtype=flat.dtype, device=flat.device)
+    return out.masked_scatter(where, flat)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int,
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Log-probabilities of the completion tokens in the last C columns. -> [B, C].
+
+    input_ids, attention_mask: [B, Lp + C] as laid out by ``pack_rollouts``, so
+    ``attention_mask[:, -C:]`` is 1 exactly on completion tokens. The decoder
+    runs once; the LM head then sees only the states that predict a completion
+    token (``head_logprobs``, in chunks). Masked positions are 0.
+    """
+    head = _check_plain_head(model)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=C + 1).logits[:, :-1].float()            # [B, C, V]
-    targets = input_ids[:, -C:]
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
+    return head_logprobs(head, hidden[:, -C - 1:-1], input_ids[:, -C:], attention_mask[:, -C:],
+                         chunk_tokens)
