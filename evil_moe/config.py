@@ -131,6 +131,11 @@ class RunConfig:
     grad_clip: float = _f(1.0, "Max global grad norm (0 = no clipping).", min=0)
     micro_batch_size: int = _f(16, "Rollouts per training forward/backward; the step's gradient "
                                "is accumulated over micro-batches (memory, not math).", min=1)
+    share_prompt_forward: bool = _f(True, "Run each prompt once per micro-batch and its G "
+                                    "completions on the shared KV cache wherever that is exact: "
+                                    "the base-model pass of every arm, and the training forward of "
+                                    "arms without a router (vanilla). False runs every rollout "
+                                    "whole (same result up to float rounding, slower).")
     logprob_chunk_tokens: int = _f(2048, "Completion tokens whose float32 logits [chunk, V] are "
                                    "materialised at once when scoring log-probabilities (the LM "
                                    "head runs in chunks and is recomputed in the backward); memory, "

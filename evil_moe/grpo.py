@@ -10,11 +10,13 @@ One step, top to bottom (``train_step``):
 4. group-relative advantages ``A = (r - mean_G r) / (std_G r + eps)``;
 5. a no-grad forward of the **base model** (adapter disabled) gives the KL
    reference log-probabilities and, in the same pass, the pooled deployed
-   bottleneck ``h = A[:r] x`` per module (the router's input);
+   bottleneck ``h = A[:r] x`` per module (the router's input); each prompt runs
+   once and its G completions run on its KV cache;
 6. the router maps ``h`` to a soft weight ``w`` per rollout (gradient flows
    into the router); grader labels never reach it;
 7. the training forward applies ``w`` (hack block scaled by ``w``, deployed
-   block's gradient scaled by ``1 - w``) and the loss is
+   block's gradient scaled by ``1 - w``); without a router (vanilla) the prompt
+   is shared as in step 5, with gradient; the loss is
 
        loss = PG + beta * KL_k3(policy || base) + lambda_pin * pin
 
@@ -46,6 +48,7 @@ N processes compute the same update as one process with the whole batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -60,7 +63,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import RunConfig
-from .sequences import completion_logprobs, pack_rollouts
+from .sequences import (completion_logprobs, pack_rollouts, prefill_prompts, right_padded,
+                        score_completions)
 
 ROUTED_ARMS = ("evil_moe", "haar", "no_pin")
 PINNED_ARMS = ("evil_moe", "haar")
@@ -324,6 +328,55 @@ def _grade(state: TrainState, problems, texts):
     return state.grader.grade_batch(problems, texts, progress=False)
 
 
+def _consecutive_batches(n: int, size: int) -> list[torch.Tensor]:
+    """Rows ``0..n-1`` in consecutive micro-batches: the G rollouts of a prompt stay together."""
+    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _length_sorted_batches(lengths: list[int], size: int) -> list[torch.Tensor]:
+    """Rows in micro-batches of similar total length, so little of each is padding.
+
+    The loss is a sum over tokens divided by the step's token count, so the
+    order in which rows are accumulated does not change the gradient.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [torch.tensor(order[s:s + size]) for s in range(0, len(order), size)]
+
+
+def _prefill_rows(model, group_prompts: list[list[int]], owner: list[int], rows: torch.Tensor,
+                  pad_id: int):
+    """Run the distinct prompts of ``rows`` once (``owner[r]``: the prompt of rollout r)."""
+    groups = sorted({owner[r] for r in rows.tolist()})
+    local = [groups.index(owner[r]) for r in rows.tolist()]
+    return prefill_prompts(model, [group_prompts[g] for g in groups], local, pad_id)
+
+
+def _score_rows(model, group_prompts: list[list[int]], owner: list[int],
+                completion_ids: list[list[int]], rows: torch.Tensor, *, pad_id: int,
+                chunk_tokens: int, shared: bool, pool=None):
+    """Log-probabilities ``[b, Cb]`` of the completions of ``rows`` (right-padded to their
+    longest, ``Cb``), and with ``pool=adapter`` their pooled features ``[b, M, r]``.
+
+    shared: run each distinct prompt once and the completions on its KV cache
+    (exact only where every rollout of a prompt has the same forward); else run
+    every rollout whole, packed as ``[prompt | completion]``.
+    """
+    comps = [completion_ids[r] for r in rows.tolist()]
+    device = next(model.parameters()).device
+    if shared:
+        prefix = _prefill_rows(model, group_prompts, owner, rows, pad_id)
+        ids, cmask = right_padded(comps, pad_id, device=device)
+        with (pool.pooling(cmask) if pool else contextlib.nullcontext()) as pooled:
+            logp = score_completions(model, prefix, ids, cmask, chunk_tokens)
+    else:
+        ids, att, cmask, C = pack_rollouts([group_prompts[owner[r]] for r in rows.tolist()],
+                                           comps, pad_id)
+        ids, att, cmask = ids.to(device), att.to(device), cmask.to(device)
+        with (pool.pooling(cmask) if pool else contextlib.nullcontext()) as pooled:
+            logp = completion_logprobs(model, ids, att, C, chunk_tokens)
+    return logp, (pooled.features if pool else None)
+
+
 def train_step(state: TrainState, step: int) -> dict:
     """One GRPO step; returns its metrics (this process's view merged across processes)."""
     from .rollout import sample
@@ -356,45 +409,50 @@ def train_step(state: TrainState, step: int) -> dict:
     # 4. group-relative advantages
     advantages = group_advantages(rewards.view(-1, G), cfg.scale_rewards).flatten()
 
-    # 5. base-model pass: KL reference and the router's pooled features
-    prompt_ids = [state.prompt_ids[i] for i in chosen for _ in range(G)]
-    input_ids, attention, completion_mask, C = pack_rollouts(prompt_ids, completion_ids,
-                                                             tok.pad_token_id)
-    dev = acc.device
-    input_ids, attention, completion_mask = (input_ids.to(dev), attention.to(dev),
-                                             completion_mask.to(dev))
-    mask = completion_mask[:, -C:]                                            # [B, C]
-    n_tokens_local = mask.sum()
-    n_tokens = acc.reduce(n_tokens_local.clone(), reduction="sum").item()
-    ref_logp, features = [], []
-    mb = cfg.micro_batch_size
+    # 5. base-model pass: KL reference and the router's pooled features. The base
+    #    model treats the G rollouts of a prompt alike, so each micro-batch runs its
+    #    prompts once and the completions on their shared KV cache (exact).
+    dev, mb, B = acc.device, cfg.micro_batch_size, len(texts)
+    group_prompts = [state.prompt_ids[i] for i in chosen]
+    owner = [j for j in range(len(chosen)) for _ in range(G)]                # prompt of each rollout
+    _, mask = right_padded(completion_ids, tok.pad_token_id, device=dev)     # [B, C]
+    n_tokens = acc.reduce(mask.sum().clone(), reduction="sum").item()
+    score = functools.partial(_score_rows, model, group_prompts, owner, completion_ids,
+                              pad_id=tok.pad_token_id, chunk_tokens=cfg.logprob_chunk_tokens)
+    ref_logp = torch.zeros(mask.shape, device=dev)                           # [B, C]
+    pooled_rows, pooled_feats = [], []
     with torch.no_grad(), adapter.disable(), _autocast(cfg, model):
-        for s in range(0, len(texts), mb):
-            with adapter.pooling(completion_mask[s:s + mb]) as pooled:
-                ref_logp.append(completion_logprobs(model, input_ids[s:s + mb],
-                                                    attention[s:s + mb], C,
-                                                    cfg.logprob_chunk_tokens))
-            features.append(pooled.features)
-    ref_logp = torch.cat(ref_logp)                                            # [B, C]
-    features = torch.cat(features)                                            # [B, M, r]
+        for rows in _consecutive_batches(B, mb):
+            logp, feats = score(rows, shared=cfg.share_prompt_forward, pool=adapter)
+            ref_logp[rows, :logp.shape[1]] = logp
+            pooled_rows.append(rows)
+            pooled_feats.append(feats)
+    features = torch.cat(pooled_feats)[torch.cat(pooled_rows).argsort()]       # [B, M, r]
 
-    # 6-7. soft weights, training forward/backward in micro-batches
+    # 6-7. soft weights, training forward/backward in micro-batches. Without a router
+    #    (vanilla) every rollout of a prompt has the same adapter forward, so the prompt
+    #    is shared as in step 5, its KV carrying gradient to all G completions. A router
+    #    scales the hack expert per rollout on every token, prompt included, so routed
+    #    arms run each rollout whole, in micro-batches of similar length (less padding).
     adapter_params = adapter.parameters()
     pg_total = kl_total = 0.0
-    w_all = torch.full((len(texts),), float("nan"))
-    for s in range(0, len(texts), mb):
-        sl = slice(s, s + mb)
+    w_all = torch.full((B,), float("nan"))
+    share_prompt = router is None and cfg.share_prompt_forward
+    batches = (_consecutive_batches(B, mb) if share_prompt else _length_sorted_batches(
+        [len(group_prompts[o]) + len(c) for o, c in zip(owner, completion_ids)], mb))
+    for rows in batches:
         with _autocast(cfg, model):
             if router is not None:
-                w = router(features[sl])                                      # [b], grad -> router
-                w_all[sl] = w.detach().float().cpu()
+                w = router(features[rows])                                    # [b], grad -> router
+                w_all[rows] = w.detach().float().cpu()
                 ctx = adapter.soft_weight(w)
             else:
                 ctx = contextlib.nullcontext()
             with ctx:
-                logp = completion_logprobs(model, input_ids[sl], attention[sl], C,
-                                           cfg.logprob_chunk_tokens)
-        pg, kl = policy_terms(logp, ref_logp[sl], advantages[sl].to(dev), mask[sl], n_tokens)
+                logp, _ = score(rows, shared=share_prompt)
+        Cb = logp.shape[1]
+        pg, kl = policy_terms(logp, ref_logp[rows, :Cb], advantages.to(dev)[rows],
+                              mask[rows, :Cb], n_tokens)
         loss = pg + cfg.beta * kl
         _check_finite(loss, step, state, pg=pg, kl=kl)
         loss.backward()

@@ -7,6 +7,8 @@ out and reads their log-probabilities, so neither imports the other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -100,3 +102,81 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
                                  position_ids=position_ids, use_cache=False).last_hidden_state
     return head_logprobs(head, hidden[:, -C - 1:-1], input_ids[:, -C:], attention_mask[:, -C:],
                          chunk_tokens)
+
+
+# ---- rollouts that share their prompt ----------------------------------------------------
+#
+# The G rollouts of one GRPO group have the same prompt. Wherever the model treats
+# every rollout's prompt tokens the same (the base model; an adapter without
+# per-rollout weights), the prompt's states are the same for all G, so the prompt
+# is run once and its KV cache is indexed per rollout. Gradients, when on, flow
+# from every completion back into the one prompt forward: the sum over the G
+# rollouts, as if each had its own copy.
+
+@dataclass
+class PromptPrefix:
+    """Prompts run once, laid out per rollout. ``b`` rollouts, ``Lp`` padded prompt width.
+
+    cache: the KV cache of the prompts, one row per rollout (indexed by ``owner``).
+    mask: [b, Lp] left-padded prompt attention; lengths: [b] prompt lengths;
+    last_hidden: [b, d] final hidden state of each prompt's last token, the
+    state that predicts the first completion token.
+    """
+    cache: object
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    last_hidden: torch.Tensor
+
+
+def prefill_prompts(model, prompt_ids: list[list[int]], owner: list[int], pad_id: int) -> PromptPrefix:
+    """Run each distinct prompt once; ``owner[k]`` is the prompt of rollout k."""
+    device = next(model.parameters()).device
+    Lp = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), Lp), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), Lp), dtype=torch.long)
+    for j, p in enumerate(prompt_ids):                                     # left padding
+        ids[j, Lp - len(p):] = torch.tensor(p)
+        mask[j, Lp - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask,
+                              position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+    rows = torch.tensor(owner, device=device)
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)                                       # [P', ...] -> [b, ...]
+    return PromptPrefix(cache=cache, mask=mask[rows], lengths=mask.sum(1)[rows],
+                        last_hidden=out.last_hidden_state[rows, -1])
+
+
+def score_completions(model, prefix: PromptPrefix, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor,
+                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Log-probabilities of right-padded completions behind ``prefix``. -> [b, C].
+
+    completion_ids, completion_mask: [b, C]. One decoder forward over the C
+    completion columns on the prompts' cache (which it consumes); the states
+    that predict completion token t are the prompt's last state (t = 0) and
+    completion state t - 1. Equal to ``completion_logprobs`` on the packed rows
+    up to float rounding. Run exactly one such forward inside ``adapter.pooling``
+    (mask = ``completion_mask``) to pool over completion tokens.
+    """
+    head = _check_plain_head(model)
+    C = completion_ids.shape[1]
+    attention = torch.cat([prefix.mask, completion_mask.to(prefix.mask.dtype)], dim=1)
+    positions = prefix.lengths[:, None] + torch.arange(C, device=prefix.lengths.device)[None, :]
+    hidden = model.get_decoder()(input_ids=completion_ids, attention_mask=attention,
+                                 position_ids=positions, past_key_values=prefix.cache,
+                                 use_cache=True).last_hidden_state                # [b, C, d]
+    predicting = torch.cat([prefix.last_hidden[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
+    return head_logprobs(head, predicting, completion_ids, completion_mask, chunk_tokens)
+
+
+def right_padded(completion_ids: list[list[int]], pad_id: int, width: int | None = None,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions as ``[b, C]`` ids and mask, right-padded to ``width`` (default: longest)."""
+    C = max(1, width or max(len(c) for c in completion_ids))
+    ids = torch.full((len(completion_ids), C), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completion_ids), C), dtype=torch.float32)
+    for k, c in enumerate(completion_ids):
+        ids[k, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[k, :len(c)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,145 @@
+"""Each prompt run once, its completions on the shared KV cache: the same numbers.
+
+Function level: ``score_completions`` behind ``prefill_prompts`` against
+``completion_logprobs`` on the packed rows (log-probabilities to 1e-5,
+gradients to 1e-4 relative, pooled router features), on tiny-random and on a
+short SmolLM2 batch, with a trained (non-zero) two-expert adapter attached.
+Step level: one GRPO step with ``share_prompt_forward`` on and off computes the
+same gradient, with micro-batches that hold whole groups and ones that split
+a group.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evil_moe import grpo
+from evil_moe.adapter import ExpertAdapter
+from evil_moe.config import load_preset
+from evil_moe.sequences import (completion_logprobs, pack_rollouts, prefill_prompts,
+                                right_padded, score_completions)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scripted_grader import scripted_verdicts  # noqa: E402
+
+PROMPTS = [[1, 20, 30, 40, 41], [1, 50]]
+COMPLETIONS = [[60, 70, 71], [80], [90, 100, 110, 120], [5, 6]]
+OWNER = [0, 0, 1, 1]
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _perturbed_adapter(model):
+    """Attach the adapter and move both blocks off their init, so the delta is non-zero."""
+    cfg = load_preset("smoke", rank=2)
+    adapter = ExpertAdapter.from_config(model, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in adapter.layers:
+            layer.A.add_(0.05 * torch.randn(layer.A.shape, generator=g))
+            layer.B.add_(0.05 * torch.randn(layer.B.shape, generator=g))
+    return adapter
+
+
+def _both_ways(model, tok, adapter):
+    """(log-probs, grads, pooled features) of the shared and the packed path."""
+    pad = tok.pad_token_id
+    params = adapter.parameters()
+    ids, att, cmask_full, C = pack_rollouts([PROMPTS[o] for o in OWNER], COMPLETIONS, pad)
+    with adapter.pooling(cmask_full) as pooled:
+        packed = completion_logprobs(model, ids, att, C)
+    mask = cmask_full[:, -C:]
+    packed_grads = torch.autograd.grad((packed * mask).sum(), params)
+    packed_feats = pooled.features
+
+    comp_ids, cmask = right_padded(COMPLETIONS, pad)
+    prefix = prefill_prompts(model, PROMPTS, OWNER, pad)
+    with adapter.pooling(cmask) as pooled:
+        shared = score_completions(model, prefix, comp_ids, cmask)
+    shared_grads = torch.autograd.grad((shared * cmask).sum(), params)
+    return (packed, packed_grads, packed_feats), (shared, shared_grads, pooled.features), mask
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_shared_prompt_equals_packed_rows(which, request):
+    model, tok = request.getfixturevalue(which)
+    adapter = _perturbed_adapter(model)
+    try:
+        (lp_a, g_a, f_a), (lp_b, g_b, f_b), mask = _both_ways(model, tok, adapter)
+    finally:
+        adapter.remove()
+    on = mask.bool()
+    assert torch.allclose(lp_b[on], lp_a[on], atol=1e-5), (lp_b[on] - lp_a[on]).abs().max()
+    assert (lp_b[~on] == 0).all()
+    assert max(_relative(b, a) for a, b in zip(g_a, g_b) if a.norm() > 0) < 1e-4
+    assert all(b.norm() > 0 for b in g_b[:2])                 # gradients reach the prompt side
+    assert torch.allclose(f_b, f_a, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_gradient_flows_through_the_shared_cache(tiny):
+    """Cutting the cache's gradient changes the result: the prompt really is trained."""
+    model, tok = tiny
+    adapter = _perturbed_adapter(model)
+    try:
+        comp_ids, cmask = right_padded(COMPLETIONS, tok.pad_token_id)
+        prefix = prefill_prompts(model, PROMPTS, OWNER, tok.pad_token_id)
+        full = torch.autograd.grad((score_completions(model, prefix, comp_ids, cmask) * cmask)
+                                   .sum(), adapter.parameters())
+        prefix = prefill_prompts(model, PROMPTS, OWNER, tok.pad_token_id)
+        for layer in prefix.cache.layers:
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        prefix.last_hidden = prefix.last_hidden.detach()
+        cut = torch.autograd.grad((score_completions(model, prefix, comp_ids, cmask) * cmask)
+                                  .sum(), adapter.parameters())
+    finally:
+        adapter.remove()
+    assert max(_relative(c, f) for f, c in zip(full, cut) if f.norm() > 0) > 1e-2
+
+
+def _step_grads(cfg, run_dir, tiny):
+    """The gradient one train_step hands to the optimizer (after clipping)."""
+    state = grpo.setup(cfg, run_dir, grade_fn=scripted_verdicts, model_and_tokenizer=tiny)
+    params = state.adapter.parameters() + (list(state.router.parameters()) if state.router else [])
+    seen = []
+    real_step = state.optimizer.step
+
+    def record(*a, **k):
+        seen.extend(p.grad.clone() for p in params)
+        return real_step(*a, **k)
+    state.optimizer.step = record
+    try:
+        metrics = grpo.train_step(state, 0)
+    finally:
+        state.adapter.remove()
+    return seen, metrics
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
+@pytest.mark.parametrize("arm", ["vanilla", "evil_moe"])
+@pytest.mark.parametrize("micro_batch", [2, 3])
+def test_a_step_with_and_without_prompt_sharing_has_the_same_gradient(arm, micro_batch, tiny,
+                                                                      tmp_path, v_act_dir):
+    cfg = load_preset("smoke", arm=arm, micro_batch_size=micro_batch, grad_clip=0.0)
+    runs = []
+    for share in (True, False):
+        d = tmp_path / str(share)
+        d.mkdir()
+        shutil.copy(v_act_dir / grpo.V_ACT_FILE, d / grpo.V_ACT_FILE)
+        runs.append(_step_grads(cfg.replace(share_prompt_forward=share), d, tiny))
+    (g_shared, m_shared), (g_whole, m_whole) = runs
+    assert m_shared["completion_tokens"] == m_whole["completion_tokens"]
+    assert m_shared["kl"] == pytest.approx(m_whole["kl"], abs=1e-6)
+    assert m_shared["loss_pg"] == pytest.approx(m_whole["loss_pg"], rel=1e-4, abs=1e-7)
+    assert max(_relative(a, b) for a, b in zip(g_shared, g_whole) if b.norm() > 0) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def v_act_dir(tmp_path_factory, tiny):
+    d = tmp_path_factory.mktemp("vact")
+    grpo.extract_v_act_for_run(load_preset("smoke"), d, model_and_tokenizer=tiny)
+    return d
