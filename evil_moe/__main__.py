@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import pipeline
     return pipeline.run(cfg, preset=args.preset, force=args.force, runs_root=args.runs_dir,
-                        build=not args.no_book)
+                        build=not args.no_book, echo=True)
 
 
 def _train(args) -> int:

@@ -56,6 +56,9 @@ class RunConfig:
                   "Haar-random direction + pin), no_pin (router from v_act, no pin loss).",
                   choices=ARMS)
     seed: int = _f(0, "Seed for every random number generator of the run.", min=0)
+    expected_minutes: float = _f(0.0, "Measured wall time of the preset's whole pipeline "
+                                 "(`make book`) from an empty cache on a quiet 2-core machine, "
+                                 "printed when the pipeline starts (0 = not measured).", min=0)
     arms: list[str] = _f(["evil_moe", "vanilla"], "Arms the pipeline runs for this preset.",
                          choices=ARMS)
     seeds: list[int] = _f([0], "Seeds the pipeline runs for this preset.", min=0)

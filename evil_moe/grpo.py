@@ -59,7 +59,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import checkpoint
 from .config import RunConfig

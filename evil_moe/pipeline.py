@@ -89,6 +89,7 @@ KEY_PACKAGES: tuple[str, ...] = (
 """Distributions whose versions go into the manifest (``null`` when absent)."""
 
 INJECTED_TAG = "injected-parameters"
+PARAMETERS_TAG = "parameters"
 BOOK_HIDE_TAG = "hide-input"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -238,8 +239,23 @@ def _traceback_summary(lines: Iterable[str], keep: int = 15) -> str:
     return "\n".join("    " + line for line in tail)
 
 
-def execute_step(step: Step) -> None:
-    """Execute one notebook with papermill; raise :class:`NotebookFailed` on any error."""
+def _kernel_config():
+    """Kernels talk to papermill over IPC sockets: nothing listens on TCP, and ipykernel
+    has no reason to warn about an unencrypted TCP transport."""
+    from traitlets.config import Config
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    return config
+
+
+def execute_step(step: Step, echo: bool = False) -> None:
+    """Execute one notebook with papermill; raise :class:`NotebookFailed` on any error.
+
+    echo: copy the kernel's stdout and stderr to ours as they arrive, so progress
+    bars (GRPO steps, evaluation, grading) show while the notebook runs. The
+    executed notebook keeps each cell's streams merged, with carriage-return
+    updates resolved: a progress bar is stored in its final state only.
+    """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -250,7 +266,9 @@ def execute_step(step: Step) -> None:
         papermill.execute_notebook(
             str(step.source), str(step.output), parameters=step.parameters,
             kernel_name=KERNEL_NAME, cwd=str(step.out_dir), progress_bar=False,
-            log_output=False)
+            log_output=False, stdout_file=sys.stdout if echo else None,
+            stderr_file=sys.stderr if echo else None, coalesce_streams=True,
+            config=_kernel_config())
     except PapermillExecutionError as e:
         step.status, step.wall_time_s = "failed", time.perf_counter() - t0
         where = f"cell {e.cell_index}" + (f" (In [{e.exec_count}])" if e.exec_count else "")
@@ -284,7 +302,7 @@ def _is_done(step: Step) -> tuple[bool, str]:
 
 
 def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, echo: bool = False) -> None:
     """Run every step in order, skipping finished ones; stop at the first failure."""
     total = sum(len(c) for c in chains) + len(finals)
     i = 0
@@ -307,7 +325,7 @@ def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = Fal
         else:
             step.reason = "forced" if force else why_stale
         log(f"{head}: running ({step.reason})")
-        execute_step(step)
+        execute_step(step, echo=echo)
         log(f"{head}: done in {step.wall_time_s:.1f} s")
         any_ran = True
         return True
@@ -494,16 +512,49 @@ def write_json(path: Path, data: Any) -> None:
 # ---- the book -------------------------------------------------------------------------
 
 def book_copy_notebook(src: Path, dest: Path) -> None:
-    """Copy an executed notebook into the book, hiding papermill's injected
-    parameters (the cell tagged ``injected-parameters`` gets ``hide-input``)."""
+    """Copy an executed notebook into the book, showing the parameters the run used.
+
+    papermill leaves the notebook's default parameters (the smoke settings, in the
+    cell tagged ``parameters``) followed by the cell it injected with the run's
+    values. The book shows only the injected cell, as the first code the reader
+    sees. Streams are merged per cell with carriage-return updates resolved, so a
+    progress bar appears once, in its final state.
+    """
     import nbformat
     nb = nbformat.read(str(src), as_version=4)
+    injected = any(INJECTED_TAG in c.get("metadata", {}).get("tags", []) for c in nb.cells)
+    cells = []
     for cell in nb.cells:
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
-        if INJECTED_TAG in tags and BOOK_HIDE_TAG not in tags:
-            tags.append(BOOK_HIDE_TAG)
+        if injected and PARAMETERS_TAG in tags:
+            continue
+        if INJECTED_TAG in tags and cell.source.startswith("# Parameters"):
+            cell.source = ("# Parameters of this run (papermill injected them)\n"
+                           + cell.source.partition("\n")[2])
+        if cell.get("outputs"):
+            cell.outputs = final_stream_state(cell.outputs)
+        cells.append(cell)
+    nb.cells = cells
     dest.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(dest))
+
+
+def final_stream_state(outputs: list) -> list:
+    """Merge a cell's stream outputs per name and keep what a terminal would show:
+    text after the last carriage return of each line (a progress bar's final state)."""
+    merged: dict[str, Any] = {}
+    out = []
+    for o in outputs:
+        if o.get("output_type") == "stream":
+            if o["name"] in merged:
+                merged[o["name"]]["text"] += o["text"]
+                continue
+            merged[o["name"]] = o
+        out.append(o)
+    for o in merged.values():
+        lines = ([p for p in line.split("\r") if p] or [""] for line in o["text"].split("\n"))
+        o["text"] = "\n".join(parts[-1] for parts in lines)
+    return out
 
 
 def _fmt_s(x: float | None) -> str:
@@ -650,7 +701,7 @@ def run(cfg: RunConfig, preset: str, force: bool = False, runs_root: str | Path 
         per_run: Sequence[str] | None = None, per_preset: Sequence[str] | None = None,
         book_root: str | Path | None = None,
         data_files: Callable[[RunConfig], Iterable[Path]] | None = None,
-        log: Callable[[str], None] = print) -> int:
+        log: Callable[[str], None] = print, echo: bool = False) -> int:
     """Execute a preset's notebooks per arm and seed, write the manifest, build the book.
 
     Returns the exit code: 0 on success, 1 when a notebook or the book build
@@ -668,6 +719,7 @@ def run(cfg: RunConfig, preset: str, force: bool = False, runs_root: str | Path 
         (default: the checkout).
     data_files: hook returning the files to checksum in the manifest
         (default :func:`default_data_files`).
+    echo: show the notebooks' output (progress bars) live on our stdout/stderr.
     """
     runs_root = Path(runs_root).resolve() if runs_root else paths.runs_dir().resolve()
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else paths.NOTEBOOKS_DIR
@@ -689,10 +741,13 @@ def run(cfg: RunConfig, preset: str, force: bool = False, runs_root: str | Path 
     chains, finals = plan(cfg, preset, runs_root, notebooks_dir, per_run, per_preset)
     log(f"preset {cfg.preset}: arms {', '.join(cfg.arms)}; seeds "
         f"{', '.join(map(str, cfg.seeds))}; runs in {runs_root / cfg.preset}")
+    if cfg.expected_minutes:
+        log(f"expected duration: about {cfg.expected_minutes:g} min from an empty cache on a "
+            f"quiet 2-core machine (measured; steps already done are skipped)")
     started_at, t0 = _now(), time.perf_counter()
     error: NotebookFailed | None = None
     try:
-        execute_plan(chains, finals, force=force, log=log)
+        execute_plan(chains, finals, force=force, log=log, echo=echo)
     except NotebookFailed as e:
         error = e
     try:

@@ -124,7 +124,7 @@ def _lora(model):
 
 def _train(peft_model, tokenizer, cfg: RunConfig, examples, progress: bool) -> list[float]:
     """Plain SFT on the completions: AdamW, constant lr, seeded batches."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .sequences import completion_logprobs, pack_rollouts
 

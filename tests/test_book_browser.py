@@ -235,19 +235,11 @@ def test_appendix_pages_render_with_figures_and_folded_parameters(driver, html_d
     page = f"{APPENDIX}/evil_moe-s0/01_plot.html"
     problems, _ = check_page(driver, html_dir, page, min_images=1)
     assert not problems, f"{page}:\n" + "\n".join(problems)
-    # papermill's injected parameters are folded: not visible until the reader opens them
-    cell = driver.find_element(By.CSS_SELECTOR, ".cell.tag_injected-parameters")
-    source = cell.find_element(By.CSS_SELECTOR, ".cell_input")
-    assert not source.is_displayed(), "the injected-parameters source is shown"
-    assert 'arm = "evil_moe"' not in driver.find_element(By.TAG_NAME, "body").text
-    from selenium.webdriver.support.ui import WebDriverWait
-    cell.find_element(By.CSS_SELECTOR, "summary").click()
-    WebDriverWait(driver, 10).until(lambda d: source.is_displayed(),
-                                    "clicking the fold did not show the parameters")
-    assert 'arm = "evil_moe"' in source.text
-    # the notebook's own parameters cell stays visible
-    params = driver.find_element(By.CSS_SELECTOR, ".cell.tag_parameters .cell_input")
-    assert params.is_displayed()
+    # the first code cell shows the parameters the run used; the smoke defaults are gone
+    cell = driver.find_element(By.CSS_SELECTOR, ".cell.tag_injected-parameters .cell_input")
+    assert cell.is_displayed(), "the run's parameters are not shown"
+    assert 'arm = "evil_moe"' in cell.text and "Parameters of this run" in cell.text
+    assert not driver.find_elements(By.CSS_SELECTOR, ".cell.tag_parameters")
 
 
 @pytest.mark.slow

@@ -46,6 +46,11 @@ COUNT = ("from pathlib import Path\nimport json, os\n"
          "assert Path.cwd().resolve() == Path(run_dir).resolve(), Path.cwd()")
 
 
+PROGRESS = ("import sys, time\nfor i in range(1, 4):\n"
+            "    sys.stderr.write(f'\\rbar {i}/3'); sys.stderr.flush(); time.sleep(0.2)\n"
+            "sys.stderr.write('\\n')")
+
+
 def write_notebooks(folder: Path) -> Path:
     """Throwaway notebooks: two per-run steps, a failing one, a per-preset one."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,7 +62,8 @@ def write_notebooks(folder: Path) -> Path:
         "02_second": _notebook(
             "Second step", RUN_PARAMS, "NAME = '02_second'\n" + COUNT,
             "first = json.loads((Path(run_dir) / 'first.json').read_text())\n"
-            "(Path(run_dir) / 'second.txt').write_text(f\"{first['arm']}-{first['seed']}\")"),
+            "(Path(run_dir) / 'second.txt').write_text(f\"{first['arm']}-{first['seed']}\")",
+            PROGRESS),
         "02_boom": _notebook(
             "A step that fails", RUN_PARAMS, "NAME = '02_boom'\n" + COUNT,
             "def explode(x):\n    raise ValueError(f'intentional failure {x}')\nexplode(42)"),
@@ -156,24 +162,54 @@ def test_manifest_records_parameters_versions_checksums_and_wall_times(env):
                                                                "bytes": 15}}
 
 
-def test_book_gets_the_notebooks_with_injected_parameters_hidden(env):
+def test_book_shows_the_parameters_the_run_used(env):
     root = env["book_root"]
     copied = root / "book" / "runs" / "smoke" / "evil_moe-s0" / "02_second.ipynb"
     nb = nbformat.read(str(copied), as_version=4)
-    tags = [c.metadata.get("tags", []) for c in nb.cells]
-    assert ["injected-parameters", "hide-input"] in tags
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    # the first code cell is the run's own parameters, shown; the smoke defaults are gone
+    assert "injected-parameters" in code[0].metadata.get("tags", [])
+    assert "hide-input" not in code[0].metadata.get("tags", [])
+    assert code[0].source.startswith("# Parameters of this run")
+    assert 'arm = "evil_moe"' in code[0].source
+    assert not any("parameters" in c.metadata.get("tags", []) for c in code)
     assert (root / "book" / "runs" / "smoke" / "04_all.ipynb").exists()
     html = root / "_build" / "html"
     assert (html / "index.html").exists()
     page = (html / "book" / "runs" / "smoke" / "evil_moe-s0" / "02_second.html").read_text()
-    # myst-nb folds a hide-input cell's source inside <details>
-    cell = re.search(r'<div class="cell tag_injected-parameters[^"]*"[^>]*>(.*?)</details>',
+    cell = re.search(r'<div class="cell tag_injected-parameters[^"]*"[^>]*>(.*?)</div>\s*</div>',
                      page, re.S)
-    assert cell and "tag_hide-input" in cell.group(0) and "<details" in cell.group(1)
+    assert cell and "tag_hide-input" not in cell.group(0)
+    # a progress bar is kept in its final state only
+    streams = [o for c in code for o in c.get("outputs", []) if o.output_type == "stream"]
+    assert [o.text for o in streams] == ["bar 3/3\n"]
     appendix = (html / "book" / "runs" / "smoke" / "index.html").read_text()
     assert "Runs of the" in appendix and "vanilla-s0" in appendix
     # the committed toc is untouched; the generated one adds the appendix
     assert "runs" not in (root / "_toc.yml").read_text()
+
+
+def test_echo_shows_the_notebooks_output_while_it_runs(tmp_path, capsys):
+    nb_dir = write_notebooks(tmp_path / "notebooks")
+    step = pipeline.Step(notebook="02_second", source=nb_dir / "02_second.ipynb",
+                         out_dir=tmp_path / "run", parameters={"run_dir": str(tmp_path / "run")},
+                         fingerprint="x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "first.json").write_text('{"arm": "a", "seed": 0}')
+    pipeline.execute_step(step, echo=True)
+    assert "\rbar 1/3" in capsys.readouterr().err
+    pipeline.execute_step(step, echo=False)
+    assert "bar" not in capsys.readouterr().err
+
+
+def test_final_stream_state_keeps_what_a_terminal_shows():
+    outs = [{"output_type": "stream", "name": "stderr", "text": "\rstep 1\rstep 2"},
+            {"output_type": "stream", "name": "stdout", "text": "hello\n"},
+            {"output_type": "stream", "name": "stderr", "text": "\rstep 3\nnext\r\n"},
+            {"output_type": "display_data", "data": {}}]
+    got = pipeline.final_stream_state(outs)
+    assert [o.get("name") for o in got] == ["stderr", "stdout", None]
+    assert got[0]["text"] == "step 3\nnext\n" and got[1]["text"] == "hello\n"
 
 
 def test_second_call_skips_finished_steps(env):

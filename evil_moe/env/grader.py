@@ -283,7 +283,7 @@ class Grader:
         plans = [self._plan(p, r, programs) for p, r in zip(problems, responses)]
         bar = None
         if progress and len(responses) >= PROGRESS_MIN:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
             bar = tqdm(total=len(programs), desc="grading", unit="program")
         try:
             results = self.sandbox.run_many(programs, on_done=bar.update if bar else None)
