@@ -160,7 +160,7 @@ def save(run_dir: Path, *, step: int, adapter, router, optimizer, scheduler,
 
     # Rotate. Before: newest valid (or absent), tmp complete. Each line keeps one valid.
     if newest.exists():
-        if problem(newest) is None:
+        if defect(newest) is None:
             shutil.rmtree(prev, ignore_errors=True)     # newest still valid
             os.replace(newest, prev)                    # prev valid
         else:                                           # a corrupt newest is no fallback
@@ -170,7 +170,7 @@ def save(run_dir: Path, *, step: int, adapter, router, optimizer, scheduler,
     return newest
 
 
-def problem(folder: Path) -> str | None:
+def defect(folder: Path) -> str | None:
     """What is wrong with the checkpoint in ``folder`` (one line naming the file), or
     None when every recorded checksum matches."""
     state_file = Path(folder) / STATE_FILE
@@ -218,16 +218,16 @@ def latest(run_dir: Path) -> Path:
     if not found:
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT}); "
                               f"train the run first")
-    problems = []
+    rejected = []
     for folder in found:
-        why = problem(folder)
+        why = defect(folder)
         if why is None:
-            for bad, reason in problems:
+            for bad, reason in rejected:
                 warnings.warn(f"checkpoint {bad} is not usable: {reason}; falling back to "
                               f"{folder} (step {read_state(folder)['step']})", stacklevel=2)
             return folder
-        problems.append((folder, why))
-    reasons = "; ".join(why for _, why in problems)
+        rejected.append((folder, why))
+    reasons = "; ".join(why for _, why in rejected)
     raise CheckpointError(f"no valid checkpoint in {run_dir}: {reasons}. Start the run over "
                           f"(`--no-resume`, resume=False) or restore the files")
 

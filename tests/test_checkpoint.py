@@ -83,8 +83,8 @@ def test_save_keeps_the_previous_checkpoint_and_both_verify(tmp_path, parts):
     snap1, sched1 = _snapshot(parts), parts["scheduler"].state_dict()
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.CHECKPOINT,
                                                           checkpoint.PREVIOUS]
-    assert checkpoint.problem(tmp_path / checkpoint.CHECKPOINT) is None
-    assert checkpoint.problem(tmp_path / checkpoint.PREVIOUS) is None
+    assert checkpoint.defect(tmp_path / checkpoint.CHECKPOINT) is None
+    assert checkpoint.defect(tmp_path / checkpoint.PREVIOUS) is None
     state = checkpoint.read_state(tmp_path / checkpoint.CHECKPOINT)
     assert sorted(state["files"]) == sorted(f for f in FILES if f != "state.json")
     _advance(parts)                                   # move away, then restore step 1
@@ -206,7 +206,7 @@ def test_an_altered_state_json_that_still_parses_is_caught(tmp_path, parts):
     state = json.loads(path.read_text())
     state["step"] = 7
     path.write_text(json.dumps(state))
-    assert "digest" in checkpoint.problem(path.parent)
+    assert "digest" in checkpoint.defect(path.parent)
     with pytest.warns(UserWarning, match="state.json"):
         assert checkpoint.latest(tmp_path).name == checkpoint.PREVIOUS
 
@@ -278,5 +278,5 @@ def test_train_with_no_valid_checkpoint_stops_instead_of_starting_over(tmp_path,
     # starting over on purpose removes the old checkpoints with the metrics
     grpo.train(cfg, tmp_path, resume=False, grade_fn=scripted_verdicts, progress=False,
                model_and_tokenizer=tiny).adapter.remove()
-    assert checkpoint.problem(tmp_path / checkpoint.CHECKPOINT) is None
+    assert checkpoint.defect(tmp_path / checkpoint.CHECKPOINT) is None
     assert not (tmp_path / checkpoint.PREVIOUS).exists()

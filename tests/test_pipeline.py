@@ -442,3 +442,20 @@ def test_a_changed_library_file_or_data_file_reruns_the_run(env, tmp_path, monke
     logs = call()
     assert [count(run, n) for n in PER_RUN] == [1, 1]
     assert any("the data changed since the last run" in line for line in logs), logs
+
+
+def test_default_data_files_are_what_each_problem_set_reads(tmp_path, shared_data):
+    from evil_moe.env import datasets
+    easy = pipeline.default_data_files(load_preset("smoke"))
+    assert paths.PAIRS_FILE in easy and paths.PACKAGE_DIR / "env" / "easy.py" in easy
+    humaneval = pipeline.default_data_files(load_preset("smoke", dataset="humaneval"))
+    assert humaneval[-1].name == "HumanEval.jsonl.gz" and humaneval[-1].is_file()
+    folder = tmp_path / "leetcode"
+    folder.mkdir()
+    shutil.copy(shared_data / "leetcode" / datasets.LEETCODE_FILES["test"], folder)
+    cfg = load_preset("smoke", dataset="leetcode", leetcode_dir=str(folder))
+    with pytest.raises(datasets.DatasetUnavailableError, match=datasets.LEETCODE_FILES["train"]):
+        pipeline.default_data_files(cfg)             # fails before any notebook runs
+    (folder / datasets.LEETCODE_FILES["train"]).write_text("{}\n")
+    assert pipeline.default_data_files(cfg)[-2:] == [folder / datasets.LEETCODE_FILES[s]
+                                                     for s in datasets.SPLITS]
