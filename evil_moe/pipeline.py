@@ -67,8 +67,8 @@ from typing import Any
 import yaml
 
 from . import paths
-from .digest import sha256_file
 from .config import RunConfig, preset_path
+from .digest import sha256_file
 
 # ---- what runs, as data -------------------------------------------------------------
 

@@ -269,7 +269,7 @@ def test_condition_context_leaves_active_what_each_condition_names(hacking_run):
     and the weights come back unchanged after each."""
     import torch
 
-    run, problems, _ = hacking_run
+    run = hacking_run[0]
     model, adapter = run.model, run.adapter
     name = [n for n in adapter.module_names if n.endswith("mlp.down_proj")][-1]
     layer = adapter.layers[adapter.module_names.index(name)]
@@ -297,9 +297,9 @@ def test_condition_context_leaves_active_what_each_condition_names(hacking_run):
     # the three conditions are three different models
     for a, b in (("on", "off"), ("off", "base"), ("on", "base")):
         assert not torch.allclose(logits[a], logits[b]), (a, b)
-    with pytest.raises(ValueError, match="unknown condition 'deployed'"):
-        with evaluate.condition_context(adapter, "deployed"):
-            pass
+    with pytest.raises(ValueError, match="unknown condition 'deployed'"), \
+            evaluate.condition_context(adapter, "deployed"):
+        pass
 
 
 def test_outputs_on_disk(hacking_run):
