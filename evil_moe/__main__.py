@@ -2,6 +2,9 @@
 
 ``run`` validates the preset before any compute, then hands over to
 ``evil_moe.pipeline`` (papermill per arm and seed, manifest, book build).
+An error the user can fix (a bad preset value, a model that is not on this
+machine, a missing v_act, a corrupt checkpoint without a valid fallback, a
+checkpoint of another config) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import run_reporting_errors
 from .config import ARMS, ConfigError, load_preset
 
 
@@ -35,26 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     sub.add_parser("describe", help="print every config field with its help text")
     args = parser.parse_args(argv)
+    command = {"describe": _describe, "train": _train, "run": _run}[args.command]
+    return run_reporting_errors(lambda: command(args))
 
-    if args.command == "describe":
-        from .config import RunConfig
-        print(RunConfig.describe())
-        return 0
 
-    if args.command == "train":
-        return _train(args)
+def _describe(args) -> int:
+    from .config import RunConfig
+    print(RunConfig.describe())
+    return 0
 
-    try:
-        overrides = {}
-        if args.arms:
-            overrides["arms"] = args.arms
-        if args.seeds:
-            overrides["seeds"] = args.seeds
-        cfg = load_preset(args.preset, **overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
+def _run(args) -> int:
+    overrides = {}
+    if args.arms:
+        overrides["arms"] = args.arms
+    if args.seeds:
+        overrides["seeds"] = args.seeds
+    cfg = load_preset(args.preset, **overrides)
     from . import pipeline
     return pipeline.run(cfg, preset=args.preset, force=args.force, runs_root=args.runs_dir,
                         build=not args.no_book, echo=True)
@@ -63,21 +64,20 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import yaml
     from pathlib import Path
-    try:
-        overrides = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
             overrides[key] = yaml.safe_load(value)
-        if args.arm:
-            overrides["arm"] = args.arm
-        if args.seed is not None:
-            overrides["seed"] = args.seed
-        cfg = load_preset(args.preset, **overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML") from None
+    if args.arm:
+        overrides["arm"] = args.arm
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = load_preset(args.preset, **overrides)
     from . import grpo
     run_dir = Path(args.run_dir)
     if (args.extract_v_act and cfg.arm in grpo.ROUTED_ARMS

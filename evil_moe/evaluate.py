@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import stats
+from . import checkpoint, stats
 from .config import RunConfig, from_dict
 
 CONDITIONS = ("on", "off", "base")
@@ -54,8 +54,6 @@ EVAL_FILE = "eval.parquet"
 SUMMARY_FILE = "summary.json"
 SHARD_DIR = "eval_shards"
 CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoint"
-ROUTER_FILE = "router.safetensors"
 V_ACT_FILE = "v_act.safetensors"
 ROUTED_ARMS = ("evil_moe", "haar", "no_pin")
 HAAR_SEED_OFFSET = 2000
@@ -113,8 +111,9 @@ def read_config(run_dir: str | Path) -> RunConfig:
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     """Load the base model, the trained adapter and (routed arms) the trained router.
 
-    Layout (written by ``evil_moe.grpo``/``evil_moe.checkpoint``):
-    ``config.json``, ``checkpoint/adapter/``, ``checkpoint/router.safetensors``.
+    Layout (written by ``evil_moe.grpo``/``evil_moe.checkpoint``): ``config.json`` and
+    the newest checkpoint that verifies (``checkpoint/``, else ``checkpoint.prev/``),
+    of which ``adapter/`` and ``router.safetensors`` are read.
     The base model is rebuilt with ``warm_start.load_base_model(cfg, device)``,
     as training does (the tiny random model depends on the seed; a warm start,
     when configured, is loaded from its cache).
@@ -128,15 +127,12 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     cfg = read_config(run_dir)
     if device is not None:
         cfg = cfg.replace(device=device)
-    ckpt = run_dir / CHECKPOINT_DIR
-    if not (ckpt / "adapter").exists():
-        raise FileNotFoundError(f"{ckpt / 'adapter'} not found: the run has no checkpoint yet "
-                                "(train it first)")
+    ckpt = checkpoint.latest(run_dir)   # verified; falls back to the previous one
     model, tok = load_base_model(cfg)
-    adapter = ExpertAdapter.load(model, ckpt / "adapter")
+    adapter = ExpertAdapter.load(model, ckpt / checkpoint.ADAPTER_DIR)
     router = None
     if cfg.arm in ROUTED_ARMS:
-        path = ckpt / ROUTER_FILE
+        path = ckpt / checkpoint.ROUTER_FILE
         if not path.exists():
             raise FileNotFoundError(f"arm {cfg.arm!r} is routed but {path} does not exist")
         router = _router_from_state(load_file(str(path)), len(adapter.module_names),
@@ -786,6 +782,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="regenerate finished conditions")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    from .cli import fail, run_reporting_errors
+    for d in args.run_dirs:
+        if not (d / CONFIG_FILE).is_file():
+            return fail(f"{d / CONFIG_FILE} not found: {d} is not a trained run directory "
+                        f"(train it with `python -m evil_moe train --run-dir {d}`)")
+    return run_reporting_errors(lambda: _evaluate_dirs(args))
+
+
+def _evaluate_dirs(args) -> int:
+    """The body of :func:`main` once the arguments are checked."""
     for d in args.run_dirs:
         run = load_run(d, device=args.device)
         print(f"== {d} ({run.cfg.arm}, seed {run.cfg.seed})")

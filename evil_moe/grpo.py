@@ -158,11 +158,15 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+class MissingVActError(FileNotFoundError):
+    """A routed arm starts its router from v_act, but the run dir has none."""
+
+
 def _v_act_path(cfg: RunConfig, run_dir: Path) -> Path:
     """Where the run's v_act must be; raises before any compute if a routed arm lacks it."""
     path = Path(run_dir) / V_ACT_FILE
     if cfg.arm in ROUTED_ARMS and cfg.arm != "haar" and not path.exists():
-        raise FileNotFoundError(
+        raise MissingVActError(
             f"arm {cfg.arm!r} starts its router from v_act, but {path} does not exist. Run "
             f"notebooks/01_extract_v_act.ipynb (or evil_moe.grpo.extract_v_act_for_run, or "
             f"`python -m evil_moe train --extract-v-act`) for this run first.")
@@ -557,14 +561,15 @@ def _check_resumable(cfg: RunConfig, saved: dict, run_dir: Path) -> None:
     differ = sorted(k for k in now if k not in RESUME_FREE_FIELDS and saved.get(k) != now[k])
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ[:6])
-        raise ValueError(
+        raise checkpoint.ConfigMismatchError(
             f"{run_dir} holds a checkpoint of a run with another config ({detail}"
             f"{', ...' if len(differ) > 6 else ''}); resuming would mix two runs. Start over "
             f"with resume=False (`--no-resume`), or use another run dir")
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    return checkpoint.read_state(run_dir)["step"]
+    """The step of the run's newest valid checkpoint."""
+    return checkpoint.read_state(checkpoint.latest(run_dir))["step"]
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -589,28 +594,34 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
 
     Writes ``config.json``, ``metrics.jsonl`` (one row per step), ``samples.jsonl``
     (every ``sample_every`` steps) and ``checkpoint/`` (every ``checkpoint_every``
-    steps and at the end). With ``resume=True`` a run continues from its last
-    checkpoint and ends with the same metrics as an uninterrupted run.
+    steps and at the end; the one before stays in ``checkpoint.prev/``). With
+    ``resume=True`` a run continues from its newest valid checkpoint (falling back to
+    the previous one, with a warning, if the newest is corrupt) and ends with the same
+    metrics as an uninterrupted run.
 
     grade_fn: replaces the sandboxed grader, ``(problems, texts) -> verdicts``
         (tests use a deterministic scripted reward).
     """
-    if resume and checkpoint.exists(run_dir):        # fail before loading anything
-        _check_resumable(cfg, checkpoint.read_state(run_dir)["config"], Path(run_dir))
+    # Fail before loading anything: a checkpoint that does not verify (and has no valid
+    # fallback) or that belongs to another config stops here.
+    resume_from = checkpoint.latest(run_dir) if resume and checkpoint.exists(run_dir) else None
+    if resume_from is not None:
+        _check_resumable(cfg, checkpoint.read_state(resume_from)["config"], Path(run_dir))
     state = setup(cfg, run_dir, grade_fn=grade_fn, model_and_tokenizer=model_and_tokenizer)
     run_dir, acc = state.run_dir, state.accelerator
     metrics_path, samples_path = run_dir / METRICS_FILE, run_dir / SAMPLES_FILE
     start = 0
-    if resume and checkpoint.exists(run_dir):
-        saved = checkpoint.load(run_dir, adapter=state.adapter, router=state.router,
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, adapter=state.adapter, router=state.router,
                                 optimizer=state.optimizer, scheduler=state.scheduler)
         start = saved["step"] + 1
         if acc.is_main_process:
             _truncate_metrics(metrics_path, saved["step"])
             _truncate_metrics(samples_path, saved["step"])
-    elif acc.is_main_process:
+    elif acc.is_main_process:   # starting over: nothing of an earlier run may be resumed later
         for p in (metrics_path, samples_path):
             p.unlink(missing_ok=True)
+        checkpoint.remove(run_dir)
     if acc.is_main_process:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 

@@ -13,6 +13,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """The checkout this package was installed from (editable install)."""
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""The library's source (``evil_moe/``); its digest is part of every pipeline step's inputs."""
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 PRESETS_DIR = NOTEBOOKS_DIR / "params"
 DATA_DIR = REPO_ROOT / "data"

@@ -16,18 +16,28 @@ Notebooks execute with their working directory set to the folder they write
 into, so stray relative files land in ``runs/`` and never in the checkout.
 
 A finished step leaves its executed notebook ``<name>.ipynb`` and a done-marker
-``<name>.done.json`` (wall time, parameters, a fingerprint of the config).
-A later call skips a step whose notebook and marker exist and whose
-fingerprint still matches, unless ``force``. Once a step of a run executes,
-every later step of that run executes too (their inputs changed), and so do
-the per-preset steps.
+``<name>.done.json`` (wall time, parameters, its inputs, its provenance). A
+step's inputs (:func:`step_inputs`) are digests of the notebook, its
+parameters, the config, the library's source (every ``.py`` under
+``evil_moe/``) and the data the config reads (:func:`default_data_files`). A
+later call skips a step whose notebook and marker exist and whose inputs still
+match, unless ``force``; a changed input clears the run folder and reruns the
+run. Once a step of a run executes, every later step of that run executes too
+(their inputs changed), and so do the per-preset steps.
+
+**Provenance.** When a notebook finishes, the git commit, branch, dirty flag
+and library digest it ran with go into its marker and into
+``provenance.json`` of its folder; the manifest lists them per step, and the
+book's appendix and results page show them. Where an output was made by
+another commit than the book's, from a dirty tree, or by another library
+source, the results page says so in a warning (:func:`provenance_notice`).
 
 The first failing notebook stops the pipeline: the error names the notebook,
 the cell and the exception, and points at the executed copy holding the
 traceback. The exit code is non-zero.
 
 Afterwards ``runs/<preset>/manifest.json`` records the parameters, the git
-commit and dirty flag, versions of the key packages, dataset checksums, the
+commit and dirty flag of the call and of every step, versions of the key packages, dataset checksums, the
 Python version and platform, and the wall time of every notebook per arm and
 seed. The executed notebooks are then copied into ``book/runs/<preset>/``
 (papermill's injected-parameters cell gets ``hide-input``), a table of
@@ -40,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import os
@@ -59,6 +68,7 @@ import yaml
 
 from . import paths
 from .config import RunConfig, preset_path
+from .digest import sha256_file
 
 # ---- what runs, as data -------------------------------------------------------------
 
@@ -125,13 +135,20 @@ class Step:
     source: Path
     out_dir: Path
     parameters: dict[str, Any]
-    fingerprint: str
+    inputs: dict[str, str]
+    """What decides the output, one digest each (see :func:`step_inputs`)."""
     arm: str | None = None
     seed: int | None = None
     status: str = "pending"  # pending | ran | skipped | failed
     wall_time_s: float | None = None
     finished_at: str | None = None
     reason: str = ""
+    provenance: dict[str, Any] | None = None
+    """Commit, dirty flag and library digest at the execution that made the output."""
+
+    @property
+    def fingerprint(self) -> str:
+        return _digest(self.inputs)
 
     @property
     def run_name(self) -> str | None:
@@ -159,15 +176,42 @@ class Step:
             return None
 
 
-def _fingerprint(notebook: Path, parameters: dict[str, Any], config: dict[str, Any]) -> str:
-    """What decides a step's output: the notebook's source, its parameters, the config.
-
-    An edited notebook therefore reruns (and so do the steps after it).
-    """
-    source = sha256_file(notebook) if notebook.exists() else "missing"
-    blob = json.dumps({"notebook": notebook.name, "source": source, "parameters": parameters,
-                       "config": config}, sort_keys=True, default=str)
+def _digest(obj: Any) -> str:
+    """sha256 (first 16 hex digits) of an object's canonical JSON."""
+    blob = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def library_files(root: Path | None = None) -> list[Path]:
+    """Every ``.py`` file of the library (default ``paths.PACKAGE_DIR``), in a stable order."""
+    root = root or paths.PACKAGE_DIR
+    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def library_digest(root: Path | None = None) -> str:
+    """sha256 over (path, content sha256) of every library ``.py`` file: any edited,
+    added, removed or renamed file changes it."""
+    root = root or paths.PACKAGE_DIR
+    h = hashlib.sha256()
+    for p in library_files(root):
+        h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+INPUT_NAMES = {"notebook": "the notebook", "parameters": "its parameters",
+               "config": "the config", "library": "the library source", "data": "the data"}
+"""A step's inputs, as the reason for a rerun names them."""
+
+
+def step_inputs(notebook: Path, parameters: dict[str, Any], config: dict[str, Any],
+                library: str, data: str) -> dict[str, str]:
+    """What decides a step's output, one digest each: the notebook's source, its
+    parameters, the config, the library's source (:func:`library_digest`) and the
+    data the config reads (digest of :func:`checksums`). A change in any of them
+    reruns the step, and the steps after it."""
+    return {"notebook": sha256_file(notebook) if notebook.exists() else "missing",
+            "parameters": _digest(parameters), "config": _digest(config),
+            "library": library, "data": data}
 
 
 def _preset_parameter(preset: str) -> str:
@@ -179,9 +223,16 @@ def _preset_parameter(preset: str) -> str:
 
 
 def plan(cfg: RunConfig, preset: str, runs_root: Path, notebooks_dir: Path,
-         per_run: Sequence[str], per_preset: Sequence[str]) -> tuple[list[list[Step]], list[Step]]:
+         per_run: Sequence[str], per_preset: Sequence[str],
+         data_checksums: dict[str, dict[str, Any]] | None = None,
+         ) -> tuple[list[list[Step]], list[Step]]:
     """The steps of one pipeline call: a chain of per-run steps for each arm and
-    seed (arms outer, seeds inner), then the per-preset steps."""
+    seed (arms outer, seeds inner), then the per-preset steps.
+
+    data_checksums: :func:`checksums` of the files the config reads; part of
+    every step's inputs.
+    """
+    library, data = library_digest(), _digest(data_checksums or {})
     preset_param = _preset_parameter(preset)
     base = {k: v for k, v in cfg.to_dict().items() if k not in ("arm", "seed", "arms", "seeds")}
     chains: list[list[Step]] = []
@@ -192,18 +243,19 @@ def plan(cfg: RunConfig, preset: str, runs_root: Path, notebooks_dir: Path,
             for name in per_run:
                 params = {"preset": preset_param, "arm": arm, "seed": seed,
                           "run_dir": str(out_dir)}
-                chain.append(Step(name, notebooks_dir / f"{name}.ipynb", out_dir, params,
-                                  _fingerprint(notebooks_dir / f"{name}.ipynb", params,
-                                               {**base, "arm": arm, "seed": seed}),
-                                  arm=arm, seed=seed))
+                source = notebooks_dir / f"{name}.ipynb"
+                inputs = step_inputs(source, params, {**base, "arm": arm, "seed": seed},
+                                     library, data)
+                chain.append(Step(name, source, out_dir, params, inputs, arm=arm, seed=seed))
             chains.append(chain)
     preset_dir = runs_root / cfg.preset
     finals = []
     for name in per_preset:
         params = {"preset": preset_param, "runs_root": str(runs_root)}
         config = {**base, "arms": list(cfg.arms), "seeds": list(cfg.seeds)}
-        finals.append(Step(name, notebooks_dir / f"{name}.ipynb", preset_dir, params,
-                           _fingerprint(notebooks_dir / f"{name}.ipynb", params, config)))
+        source = notebooks_dir / f"{name}.ipynb"
+        finals.append(Step(name, source, preset_dir, params,
+                           step_inputs(source, params, config, library, data)))
     return chains, finals
 
 
@@ -261,6 +313,7 @@ def execute_step(step: Step, echo: bool = False) -> None:
 
     step.out_dir.mkdir(parents=True, exist_ok=True)
     step.marker.unlink(missing_ok=True)
+    provenance = current_provenance()          # the code the kernel is about to import
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -280,25 +333,53 @@ def execute_step(step: Step, echo: bool = False) -> None:
     step.wall_time_s = time.perf_counter() - t0
     step.finished_at = _now()
     step.status = "ran"
+    step.provenance = {**provenance, "data_sha256": step.inputs["data"],
+                       "finished_at": step.finished_at}
+    record_provenance(step.out_dir, step.notebook, step.provenance)
     step.marker.write_text(json.dumps({
         "notebook": step.notebook, "source": str(step.source), "parameters": step.parameters,
-        "fingerprint": step.fingerprint, "wall_time_s": step.wall_time_s,
-        "finished_at": step.finished_at}, indent=2) + "\n")
+        "fingerprint": step.fingerprint, "inputs": step.inputs, "provenance": step.provenance,
+        "wall_time_s": step.wall_time_s, "finished_at": step.finished_at}, indent=2) + "\n")
 
 
-CHANGED = "config or parameters changed since the last run"
+PROVENANCE_FILE = "provenance.json"
+"""Per output folder (a run, or the preset): ``{notebook: provenance}`` of the
+executions that made its files, written when each notebook finishes."""
 
 
-def _is_done(step: Step) -> tuple[bool, str]:
-    """Whether a step can be skipped, and why it cannot."""
+def current_provenance() -> dict[str, Any]:
+    """The code that runs now: git commit, branch, dirty flag, library digest."""
+    return {**git_state(), "library_sha256": library_digest()}
+
+
+def record_provenance(folder: Path, notebook: str, provenance: dict[str, Any]) -> None:
+    """Add ``notebook``'s provenance to ``<folder>/provenance.json``."""
+    path = folder / PROVENANCE_FILE
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        records = {}
+    records[notebook] = provenance
+    write_json(path, records)
+
+
+NOT_RUN = "not run yet"
+
+
+def _is_done(step: Step) -> str | None:
+    """None when a step can be skipped, else why it must run: :data:`NOT_RUN`, or
+    which of its inputs changed since the execution that made its output."""
     marker = step.read_marker()
     if marker is None or not step.output.exists():
-        return False, "not run yet"
+        return NOT_RUN
     if marker.get("fingerprint") != step.fingerprint:
-        return False, CHANGED
+        old = marker.get("inputs") or {}
+        changed = [INPUT_NAMES[k] for k in step.inputs if old.get(k) != step.inputs[k]]
+        return f"{', '.join(changed) or 'its inputs'} changed since the last run"
     step.wall_time_s = marker.get("wall_time_s")
     step.finished_at = marker.get("finished_at")
-    return True, ""
+    step.provenance = marker.get("provenance")
+    return None
 
 
 def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = False,
@@ -308,15 +389,13 @@ def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = Fal
     i = 0
     any_ran = False
 
-    def one(step: Step, stale: bool, why_stale: str,
-            status: tuple[bool, str] | None = None) -> bool:
-        """Run or skip one step; ``status`` is its ``_is_done`` if already read."""
+    def one(step: Step, stale: bool, why_stale: str, why: str | None) -> bool:
+        """Run or skip one step; ``why`` is its ``_is_done``."""
         nonlocal i, any_ran
         i += 1
         head = f"[{i}/{total}] {step.label}"
         if not stale:
-            done, why = status or _is_done(step)
-            if done:
+            if why is None:
                 step.status = "skipped"
                 log(f"{head}: done already ({step.wall_time_s:.1f} s on {step.finished_at}); "
                     f"skipped (--force reruns)")
@@ -332,18 +411,19 @@ def execute_plan(chains: list[list[Step]], finals: list[Step], force: bool = Fal
 
     for chain in chains:
         status = [_is_done(step) for step in chain]
-        stale = force or any(why == CHANGED for _, why in status)
+        changed = next((why for why in status if why not in (None, NOT_RUN)), None)
+        stale = force or changed is not None
+        first_why = "forced" if force else changed
         if stale and chain[0].out_dir.exists():
-            # A run folder holds one run: its checkpoint and metrics belong to the config
+            # A run folder holds one run: its checkpoint and metrics belong to the inputs
             # that wrote them, so a changed (or forced) run starts over from an empty folder.
-            log(f"{chain[0].out_dir}: {'forced' if force else CHANGED}; clearing the run folder")
+            log(f"{chain[0].out_dir}: {first_why}; clearing the run folder")
             shutil.rmtree(chain[0].out_dir)
         for k, step in enumerate(chain):
-            why = ("forced" if force else CHANGED) if k == 0 else \
-                "an earlier step of this run executed"
-            stale = one(step, stale, why, status[k]) or stale
+            why_stale = first_why if k == 0 else "an earlier step of this run executed"
+            stale = one(step, stale, why_stale, status[k]) or stale
     for step in finals:
-        one(step, force or any_ran, "a run it reads executed")
+        one(step, force or any_ran, "a run it reads executed", _is_done(step))
 
 
 # ---- the manifest ---------------------------------------------------------------------
@@ -385,31 +465,14 @@ def package_versions(names: Iterable[str] = KEY_PACKAGES) -> dict[str, str | Non
 
 
 def default_data_files(cfg: RunConfig) -> list[Path]:
-    """The data files a run of ``cfg`` depends on, to checksum in the manifest.
-
-    Everything under ``data/`` (the authored pairs), plus whatever
-    ``evil_moe.env.datasets.dataset_files(cfg)`` returns once that hook exists
-    (the problem sets a preset reads, e.g. the downloaded LeetCode files).
-    """
+    """The data files a run of ``cfg`` reads: everything under ``data/`` (the
+    authored pairs) and the problem set's files
+    (:func:`evil_moe.env.datasets.dataset_files`)."""
+    from .env.datasets import dataset_files
     files = sorted(p for p in paths.DATA_DIR.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in
                                               p.relative_to(paths.DATA_DIR).parts))
-    try:
-        datasets = importlib.import_module("evil_moe.env.datasets")
-    except ImportError:
-        return files
-    hook = getattr(datasets, "dataset_files", None)
-    if callable(hook):
-        files += [Path(p) for p in hook(cfg)]
-    return files
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return files + dataset_files(cfg)
 
 
 def checksums(files: Iterable[Path]) -> dict[str, dict[str, Any]]:
@@ -442,7 +505,7 @@ def _accelerators() -> list[str]:
 
 def build_manifest(cfg: RunConfig, preset: str, chains: list[list[Step]], finals: list[Step],
                    runs_root: Path, started_at: str, wall_time_s: float,
-                   data_files: Iterable[Path], error: NotebookFailed | None = None,
+                   data: dict[str, dict[str, Any]], error: NotebookFailed | None = None,
                    ) -> dict[str, Any]:
     """The manifest of one pipeline call (also written when a notebook failed)."""
     preset_dir = runs_root / cfg.preset
@@ -476,21 +539,50 @@ def build_manifest(cfg: RunConfig, preset: str, chains: list[list[Step]], finals
             "notebook": s.notebook, "run": s.run_name, "arm": s.arm, "seed": s.seed,
             "status": s.status if s.status != "pending" else "not run", "reason": s.reason,
             "wall_time_s": s.wall_time_s, "finished_at": s.finished_at,
-            "output": rel(s.output), "parameters": s.parameters} for s in steps],
+            "output": rel(s.output), "parameters": s.parameters,
+            "provenance": s.provenance} for s in steps],
         "git": git_state(),
+        "library_sha256": library_digest(),
         "packages": package_versions(),
         "python": sys.version,
         "python_executable": sys.executable,
         "platform": {"system": platform.platform(), "machine": platform.machine(),
                      "processor": platform.processor(), "cpu_count": os.cpu_count(),
                      "accelerators": _accelerators()},
-        "datasets": checksums(data_files),
+        "datasets": data,
     }
+    manifest["provenance_problems"] = provenance_problems(manifest)
     if error is not None:
         manifest["error"] = {"notebook": str(error.notebook), "output": str(error.output),
                              "run": error.step.run_name, "summary": error.summary,
                              "traceback": error.traceback}
     return manifest
+
+
+def _short(commit: str | None) -> str:
+    return (commit or "unknown")[:12]
+
+
+def provenance_problems(manifest: dict[str, Any]) -> list[str]:
+    """Why the outputs behind a manifest may not be the code it was written from: one
+    line per finished step that ran at another commit than the manifest's, from a tree
+    with uncommitted changes, with another library source, or without a record."""
+    commit, library = manifest["git"]["commit"], manifest["library_sha256"]
+    problems = []
+    for s in manifest["steps"]:
+        if s["status"] not in ("ran", "skipped"):
+            continue
+        where, p = f"`{s['run'] or 'all runs'}` {s['notebook']}", s.get("provenance")
+        if not p:
+            problems.append(f"{where}: no provenance record (run by an older pipeline)")
+            continue
+        if p.get("commit") != commit:
+            problems.append(f"{where}: ran at commit `{_short(p.get('commit'))}`")
+        if p.get("dirty") is not False:
+            problems.append(f"{where}: ran from a tree with uncommitted changes")
+        if p.get("library_sha256") != library:
+            problems.append(f"{where}: ran with another library source than this checkout's")
+    return problems
 
 
 def _preset_file(preset: str) -> str | None:
@@ -557,6 +649,10 @@ def final_stream_state(outputs: list) -> list:
     return out
 
 
+def _yes_no(flag: bool | None) -> str:
+    return {True: "yes", False: "no"}.get(flag, "unknown")
+
+
 def _fmt_s(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
@@ -574,10 +670,12 @@ def _appendix_page(manifest: dict[str, Any]) -> str:
         f"The pipeline executed the notebooks below with papermill for the "
         f"{'arm' if len(arms) == 1 else 'arms'} {', '.join(arms)} and the "
         f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(seeds)}. It finished at "
-        f"{manifest['finished_at']} from commit `{commit}`, on {manifest['platform']['system']} "
+        f"{manifest['finished_at']} at commit `{commit}`, on {manifest['platform']['system']} "
         f"with Python {manifest['python'].split()[0]}. Its full record is "
         f"`runs/{manifest['preset']}/manifest.json`; "
         f"`python -m evil_moe run --preset {manifest['preset']}` runs it again.",
+        "",
+        provenance_notice(manifest),
         "",
         "Wall time per notebook, in seconds (a skipped step shows the time of the run that "
         "made it):",
@@ -592,6 +690,17 @@ def _appendix_page(manifest: dict[str, Any]) -> str:
                                                              for n in per_run]) + " |")
     for name, t in manifest["wall_time_per_notebook_s"].get("per_preset", {}).items():
         lines.append(f"\nThe per-preset notebook `{name}` took {_fmt_s(t)} s.")
+    lines += ["", "Provenance of every output: the commit each notebook ran at, whether the "
+              "tree had uncommitted changes, and the digest of the library source "
+              f"(this checkout's is `{manifest['library_sha256'][:12]}`):", "",
+              "| run | notebook | commit | uncommitted changes | library | finished |",
+              "|---|---|---|---|---|---|"]
+    for s in manifest["steps"]:
+        p = s.get("provenance") or {}
+        lines.append(f"| `{s['run'] or 'all runs'}` | {s['notebook']} | "
+                     f"`{_short(p.get('commit'))}` | {_yes_no(p.get('dirty'))} | "
+                     f"`{(p.get('library_sha256') or 'unknown')[:12]}` | "
+                     f"{p.get('finished_at', '–')} |")
     lines += ["", f"The whole call took {manifest['wall_time_s']:.1f} s.", "",
               "Versions of the key packages:", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in manifest["packages"].items() if v is not None]
@@ -604,11 +713,37 @@ FIGURES_NOTEBOOK = "04_figures"
 """The per-preset notebook whose glue keys the results page reads."""
 
 RESULTS_TEMPLATE = "book/results.template.md"
-"""The results page's source; ``$preset`` names the preset whose figures it glues."""
+"""The results page's source; ``$preset`` names the preset whose figures it glues,
+``$provenance`` becomes :func:`provenance_notice`."""
 
 
-def _render_run_pages(book_root: Path, preset: str, finals: list[Step]) -> list[str]:
-    """Write ``book/runs/results.md`` from its template for this preset.
+def provenance_notice(manifest: dict[str, Any]) -> str:
+    """Markdown for the results page: which code made the results. A visible warning
+    when any output comes from another commit, a dirty tree or another library source
+    (:func:`provenance_problems`)."""
+    commit = _short(manifest["git"]["commit"])
+    problems = provenance_problems(manifest)
+    if not problems:
+        return (f"Every notebook behind this page ran at commit `{commit}`, the commit this "
+                f"book was built from, from a clean tree.")
+    keep = 20
+    lines = ["```{warning}",
+             f"Not every result on this page was produced by the code of commit `{commit}` "
+             f"that this book was built from"
+             + (" (itself with uncommitted changes)" if manifest["git"]["dirty"] else "") + ":",
+             ""]
+    lines += [f"- {p}" for p in problems[:keep]]
+    if len(problems) > keep:
+        lines.append(f"- and {len(problems) - keep} more (see the manifest)")
+    lines += ["", f"The run manifest in the appendix has the provenance of every output; "
+              f"`python -m evil_moe run --preset {manifest['preset']} --force` on a clean "
+              f"checkout reproduces them.", "```"]
+    return "\n".join(lines)
+
+
+def _render_run_pages(book_root: Path, manifest: dict[str, Any], finals: list[Step]) -> list[str]:
+    """Write ``book/runs/results.md`` from its template for this preset
+    (``$preset``: its name, ``$provenance``: :func:`provenance_notice`).
 
     Only when the preset's figures notebook ran (its glue keys exist) and the
     template is there; otherwise the book has no results part.
@@ -617,7 +752,8 @@ def _render_run_pages(book_root: Path, preset: str, finals: list[Step]) -> list[
     if not template.exists() or FIGURES_NOTEBOOK not in {s.notebook for s in finals}:
         return []
     page = book_root / "book" / "runs" / "results.md"
-    page.write_text(string.Template(template.read_text()).substitute(preset=preset))
+    page.write_text(string.Template(template.read_text()).substitute(
+        preset=manifest["preset"], provenance=provenance_notice(manifest)))
     return list(RUN_PAGES)
 
 
@@ -644,7 +780,7 @@ def publish_to_book(manifest: dict[str, Any], chains: list[list[Step]], finals: 
             chapters.append({"file": str(rel_root / step.run_name / step.notebook),
                              "title": f"{step.arm}, seed {step.seed}: {step.notebook}"})
 
-    run_pages = _render_run_pages(book_root, preset, finals)
+    run_pages = _render_run_pages(book_root, manifest, finals)
     toc = yaml.safe_load((book_root / "_toc.yml").read_text())
     if "parts" not in toc:  # a toc of bare chapters becomes one part without caption
         toc["parts"] = [{"chapters": toc.pop("chapters")}] if "chapters" in toc else []
@@ -717,8 +853,8 @@ def run(cfg: RunConfig, preset: str, force: bool = False, runs_root: str | Path 
         (defaults: ``notebooks/``, :data:`PER_RUN`, :data:`PER_PRESET`).
     book_root: folder holding ``_config.yml``, ``_toc.yml`` and ``book/``
         (default: the checkout).
-    data_files: hook returning the files to checksum in the manifest
-        (default :func:`default_data_files`).
+    data_files: hook returning the files the config reads, checksummed into every
+        step's inputs and the manifest (default :func:`default_data_files`).
     echo: show the notebooks' output (progress bars) live on our stdout/stderr.
     """
     runs_root = Path(runs_root).resolve() if runs_root else paths.runs_dir().resolve()
@@ -738,7 +874,13 @@ def run(cfg: RunConfig, preset: str, force: bool = False, runs_root: str | Path 
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    chains, finals = plan(cfg, preset, runs_root, notebooks_dir, per_run, per_preset)
+    try:   # the data is part of every step's inputs: no listing, no run
+        data = checksums(data_files(cfg))
+    except Exception as e:
+        print(f"error: listing the data files of preset {cfg.preset!r} failed "
+              f"({type(e).__name__}: {e}); nothing ran", file=sys.stderr)
+        return 1
+    chains, finals = plan(cfg, preset, runs_root, notebooks_dir, per_run, per_preset, data)
     log(f"preset {cfg.preset}: arms {', '.join(cfg.arms)}; seeds "
         f"{', '.join(map(str, cfg.seeds))}; runs in {runs_root / cfg.preset}")
     if cfg.expected_minutes:
@@ -750,16 +892,8 @@ def run(cfg: RunConfig, preset: str, force: bool = False, runs_root: str | Path 
         execute_plan(chains, finals, force=force, log=log, echo=echo)
     except NotebookFailed as e:
         error = e
-    try:
-        files, data_error = list(data_files(cfg)), None
-    except Exception as e:  # a broken hook must not cost the manifest of a long run
-        files, data_error = [], f"{type(e).__name__}: {e}"
-        print(f"warning: listing the data files to checksum failed: {data_error}",
-              file=sys.stderr)
     manifest = build_manifest(cfg, preset, chains, finals, runs_root, started_at,
-                              time.perf_counter() - t0, files, error)
-    if data_error:
-        manifest["datasets_error"] = data_error
+                              time.perf_counter() - t0, data, error)
     steps = [s for c in chains for s in c] + finals
     log(f"{sum(s.status == 'ran' for s in steps)} notebook(s) ran, "
         f"{sum(s.status == 'skipped' for s in steps)} skipped, in "

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -162,6 +163,35 @@ def test_manifest_records_parameters_versions_checksums_and_wall_times(env):
                                                                "bytes": 15}}
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(paths.REPO_ROOT), *args], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_each_run_records_the_code_that_produced_it(env):
+    m = json.loads((env["runs"] / "manifest.json").read_text())
+    head, dirty = _git("rev-parse", "HEAD").strip(), bool(_git("status", "--porcelain").strip())
+    library = pipeline.library_digest()
+    assert m["library_sha256"] == library
+    for run_name in ("evil_moe-s0", "vanilla-s0"):
+        record = json.loads((env["runs"] / run_name / pipeline.PROVENANCE_FILE).read_text())
+        assert sorted(record) == PER_RUN
+        for name, p in record.items():
+            assert p["commit"] == head and p["dirty"] is dirty
+            assert p["library_sha256"] == library
+            step = next(s for s in m["steps"] if s["run"] == run_name and s["notebook"] == name)
+            assert step["provenance"] == p          # the manifest copies what the run wrote
+            marker = json.loads((env["runs"] / run_name / f"{name}.done.json").read_text())
+            assert marker["provenance"] == p and marker["inputs"]["library"] == library
+    per_preset = json.loads((env["runs"] / pipeline.PROVENANCE_FILE).read_text())
+    assert list(per_preset) == PER_PRESET
+    # what the book says about it
+    assert bool(m["provenance_problems"]) is dirty
+    appendix = (env["book_root"] / "_build" / "html" / "book" / "runs" / "smoke"
+                / "index.html").read_text()
+    assert head[:12] in appendix and library[:12] in appendix
+
+
 def test_book_shows_the_parameters_the_run_used(env):
     root = env["book_root"]
     copied = root / "book" / "runs" / "smoke" / "evil_moe-s0" / "02_second.ipynb"
@@ -228,16 +258,18 @@ def test_second_call_skips_finished_steps(env):
     assert all(s["wall_time_s"] > 0 for s in m["steps"])
 
 
-def test_a_failing_data_files_hook_still_leaves_a_manifest(env, capsys):
+def test_a_failing_data_files_hook_stops_before_anything_runs(env, capsys):
+    """The data is part of every step's inputs: without it nothing can be skipped or run."""
     def broken(cfg):
         raise OSError("dataset cache unreadable")
 
+    before = (env["runs"] / "manifest.json").read_text()
     rc = pipeline.run(env["cfg"], preset="smoke", build=False,
                       **{**env["kw"], "data_files": broken})
-    assert rc == 0
-    m = json.loads((env["runs"] / "manifest.json").read_text())
-    assert m["datasets"] == {} and m["datasets_error"] == "OSError: dataset cache unreadable"
-    assert "dataset cache unreadable" in capsys.readouterr().err
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "dataset cache unreadable" in err and "nothing ran" in err
+    assert (env["runs"] / "manifest.json").read_text() == before
 
 
 def test_force_reruns_and_a_missing_marker_reruns_the_rest_of_its_run(env):
@@ -268,8 +300,8 @@ def test_changed_config_reruns_only_the_affected_steps(env):
     assert rc == 0
     # the run's folder was cleared (its checkpoint belongs to the old config) and rerun
     assert [count(env["runs"] / "evil_moe-s0", n) for n in PER_RUN] == [1, 1]
-    assert any("config or parameters changed" in line and "clearing the run folder" in line
-               for line in logs), logs
+    assert any("the config changed since the last run" in line
+               and "clearing the run folder" in line for line in logs), logs
 
 
 def test_stops_at_the_first_failing_notebook_with_its_error(env, tmp_path, capsys):
@@ -355,3 +387,111 @@ def test_smoke_preset_end_to_end(smoke_pipeline):
     html = root / "_build" / "html"
     assert (html / "book" / "runs" / "results.html").exists()
     assert (html / "book" / "runs" / "smoke" / "04_figures.html").exists()
+
+
+def _consistent(manifest: dict) -> dict:
+    """The manifest as if every step ran at the manifest's own clean commit and library."""
+    m = json.loads(json.dumps(manifest))
+    m["git"] = {**m["git"], "commit": "a" * 40, "dirty": False}
+    for s in m["steps"]:
+        s["provenance"] = {"commit": "a" * 40, "dirty": False,
+                           "library_sha256": m["library_sha256"], "finished_at": "then"}
+    return m
+
+
+def test_provenance_problems_name_each_step_from_other_code():
+    here = {"commit": "a" * 40, "dirty": False, "library_sha256": "d" * 64}
+    steps = [{"run": run, "notebook": nb, "status": status, "provenance": dict(here)}
+             for run, nb, status in [("evil_moe-s0", "01_first", "ran"),
+                                     ("evil_moe-s0", "02_second", "skipped"),
+                                     ("vanilla-s0", "01_first", "ran"),
+                                     ("vanilla-s0", "02_second", "not run"),
+                                     (None, "04_all", "ran")]]
+    m = {"git": {"commit": "a" * 40, "dirty": False}, "library_sha256": "d" * 64,
+         "steps": steps}
+    assert pipeline.provenance_problems(m) == []
+    steps[0]["provenance"] = None
+    steps[1]["provenance"]["dirty"] = True
+    steps[2]["provenance"]["commit"] = "b" * 40
+    steps[3]["provenance"]["commit"] = "b" * 40             # not run: not on the page
+    steps[4]["provenance"]["library_sha256"] = "c" * 64
+    assert pipeline.provenance_problems(m) == [
+        "`evil_moe-s0` 01_first: no provenance record (run by an older pipeline)",
+        "`evil_moe-s0` 02_second: ran from a tree with uncommitted changes",
+        "`vanilla-s0` 01_first: ran at commit `bbbbbbbbbbbb`",
+        "`all runs` 04_all: ran with another library source than this checkout's"]
+
+
+def test_results_page_warns_when_its_runs_come_from_another_commit(env, tmp_path, monkeypatch):
+    m = _consistent(json.loads((env["runs"] / "manifest.json").read_text()))
+    chains, finals = pipeline.plan(env["cfg"], "smoke", env["tmp"] / "runs",
+                                   Path(env["kw"]["notebooks_dir"]), PER_RUN, PER_PRESET)
+    root = copy_book(tmp_path / "root")
+    page = root / "book" / "runs" / "results.md"
+    monkeypatch.setattr(pipeline, "FIGURES_NOTEBOOK", "04_all")
+    pipeline.publish_to_book(m, chains, finals, root)
+    text = page.read_text()
+    assert "ran at commit `aaaaaaaaaaaa`, the commit this book was built from" in text
+    assert "{warning}" not in text
+    m["steps"][0]["provenance"]["commit"] = "b" * 40
+    pipeline.publish_to_book(m, chains, finals, root)
+    text = page.read_text()
+    warning = text[text.index("```{warning}"):]
+    assert "commit `aaaaaaaaaaaa`" in warning and "ran at commit `bbbbbbbbbbbb`" in warning
+    assert text.index("```{warning}") < text.index("## The causal ablation")   # at the top
+    # the same notice heads the appendix; built with -W it is a visible warning box
+    monkeypatch.setattr(pipeline, "FIGURES_NOTEBOOK", "04_figures")
+    toc = pipeline.publish_to_book(m, chains, finals, root)
+    pipeline.build_book(root, toc=toc, log=lambda s: None)
+    html = (root / "_build" / "html" / "book" / "runs" / "smoke" / "index.html").read_text()
+    box = re.search(r'<div class="admonition warning">(.*?)</div>', html, re.S)
+    assert box and "bbbbbbbbbbbb" in box.group(1)
+
+
+def test_a_changed_library_file_or_data_file_reruns_the_run(env, tmp_path, monkeypatch):
+    """The library's source and the data are inputs of every step: editing a library
+    file (in a copy of the package) or the data reruns the run, and its provenance
+    records the new library digest."""
+    lib = tmp_path / "evil_moe"
+    shutil.copytree(paths.PACKAGE_DIR, lib, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(paths, "PACKAGE_DIR", lib)
+    cfg = env["cfg"].replace(arms=["vanilla"])
+    run = env["runs"] / "vanilla-s0"
+
+    def call() -> list[str]:
+        logs: list[str] = []
+        assert pipeline.run(cfg, preset="smoke", build=False,
+                            **{**env["kw"], "log": logs.append}) == 0
+        return logs
+
+    counts = [count(run, n) for n in PER_RUN]
+    call()                                   # the same source in another folder: skipped
+    assert [count(run, n) for n in PER_RUN] == counts
+    (lib / "plots.py").write_text((lib / "plots.py").read_text() + "\n# an edit\n")
+    logs = call()
+    assert [count(run, n) for n in PER_RUN] == [1, 1]          # cleared and rerun
+    assert any("the library source changed since the last run" in line for line in logs), logs
+    record = json.loads((run / pipeline.PROVENANCE_FILE).read_text())
+    assert {p["library_sha256"] for p in record.values()} == {pipeline.library_digest(lib)}
+    assert pipeline.library_digest(lib) != pipeline.library_digest(paths.REPO_ROOT / "evil_moe")
+    env["data_file"].write_text('{"problem": 2}\n')
+    logs = call()
+    assert [count(run, n) for n in PER_RUN] == [1, 1]
+    assert any("the data changed since the last run" in line for line in logs), logs
+
+
+def test_default_data_files_are_what_each_problem_set_reads(tmp_path, shared_data):
+    from evil_moe.env import datasets
+    easy = pipeline.default_data_files(load_preset("smoke"))
+    assert paths.PAIRS_FILE in easy and paths.PACKAGE_DIR / "env" / "easy.py" in easy
+    humaneval = pipeline.default_data_files(load_preset("smoke", dataset="humaneval"))
+    assert humaneval[-1].name == "HumanEval.jsonl.gz" and humaneval[-1].is_file()
+    folder = tmp_path / "leetcode"
+    folder.mkdir()
+    shutil.copy(shared_data / "leetcode" / datasets.LEETCODE_FILES["test"], folder)
+    cfg = load_preset("smoke", dataset="leetcode", leetcode_dir=str(folder))
+    with pytest.raises(datasets.DatasetUnavailableError, match=datasets.LEETCODE_FILES["train"]):
+        pipeline.default_data_files(cfg)             # fails before any notebook runs
+    (folder / datasets.LEETCODE_FILES["train"]).write_text("{}\n")
+    assert pipeline.default_data_files(cfg)[-2:] == [folder / datasets.LEETCODE_FILES[s]
+                                                     for s in datasets.SPLITS]

