@@ -3,11 +3,13 @@
     python scripts/profile_step.py --preset cpu-demo --arm vanilla --arm evil_moe
 
 For each arm: setup (v_act extraction for routed arms), one warm-up step, then
-one profiled step. Prints per phase (sampling, grading, reference pass,
-training forward, backward, optimizer) its wall seconds inside the profiled
-step and its share, then the operators with the most self CPU time. The
-phases are marked by wrapping the library functions that implement them
-(nothing in the library changes), so the script follows the code as it is.
+one measured step. Prints per phase (sampling, grading, reference pass,
+training forward, backward, optimizer) its wall seconds inside the measured
+step and its share, then torch.profiler's operators with the most self CPU
+time over everything after sampling (the decode loop's millions of small
+events would cost more memory than the machine has). The phases are marked by
+wrapping the library functions that implement them (nothing in the library
+changes), so the script follows the code as it is.
 Writes the full tables to ``--out`` (default ``runs/profile/<preset>-<arm>.txt``).
 """
 
@@ -27,16 +29,37 @@ from torch.profiler import ProfilerActivity, profile, record_function
 PHASES = ("sampling", "grading", "reference pass", "training forward", "backward", "optimizer")
 
 
-def _wrap(owner, name: str, label) -> callable:
-    """Replace ``owner.name`` by a wrapper that runs it inside ``record_function(label())``."""
-    original = getattr(owner, name)
+class PhaseClock:
+    """Wall seconds per phase, and the profiler switched on once sampling has returned."""
 
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        with record_function(label() if callable(label) else label):
-            return original(*args, **kwargs)
-    setattr(owner, name, wrapper)
-    return lambda: setattr(owner, name, original)
+    def __init__(self, prof):
+        self.seconds = {p: 0.0 for p in PHASES}
+        self.calls = {p: 0 for p in PHASES}
+        self.prof = prof
+        self.active: str | None = None           # the outermost phase running now
+
+    def wrap(self, owner, name: str, label) -> callable:
+        """Replace ``owner.name`` by a timed wrapper; returns the undo."""
+        original = getattr(owner, name)
+        clock = self
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            phase = label() if callable(label) else label
+            if clock.active is not None:          # nested (e.g. clipping inside a phase)
+                return original(*args, **kwargs)
+            clock.active, t0 = phase, time.perf_counter()
+            try:
+                with record_function(phase):
+                    return original(*args, **kwargs)
+            finally:
+                clock.seconds[phase] += time.perf_counter() - t0
+                clock.calls[phase] += 1
+                clock.active = None
+                if phase == "sampling" and clock.prof is not None:
+                    clock.prof.start()
+        setattr(owner, name, wrapper)
+        return lambda: setattr(owner, name, original)
 
 
 def _forward_label() -> str:
@@ -44,18 +67,18 @@ def _forward_label() -> str:
 
 
 @contextlib.contextmanager
-def phase_markers(state):
+def phase_markers(state, clock: PhaseClock):
     from evil_moe import grpo, rollout, sequences
-    undo = [_wrap(rollout, "sample", "sampling"),
-            _wrap(grpo, "_grade", "grading"),
-            _wrap(torch.Tensor, "backward", "backward"),
-            _wrap(state.optimizer, "step", "optimizer"),
-            _wrap(torch.nn.utils, "clip_grad_norm_", "optimizer")]
+    undo = [clock.wrap(rollout, "sample", "sampling"),
+            clock.wrap(grpo, "_grade", "grading"),
+            clock.wrap(torch.Tensor, "backward", "backward"),
+            clock.wrap(state.optimizer, "step", "optimizer"),
+            clock.wrap(torch.nn.utils, "clip_grad_norm_", "optimizer")]
     # every scoring entry point the loop may use (grpo imports them by name)
     for mod in (grpo, sequences):
-        for fn in ("completion_logprobs", "grouped_completion_logprobs"):
+        for fn in ("completion_logprobs", "score_completions", "prefill_prompts"):
             if hasattr(mod, fn):
-                undo.append(_wrap(mod, fn, _forward_label))
+                undo.append(clock.wrap(mod, fn, _forward_label))
     try:
         yield
     finally:
@@ -74,22 +97,19 @@ def profile_arm(preset: str, arm: str, out_dir: Path, overrides: dict) -> dict:
         state = grpo.setup(cfg, tmp)
         try:
             grpo.train_step(state, 0)                                  # warm-up
-            with phase_markers(state), profile(activities=[ProfilerActivity.CPU]) as prof:
-                with record_function("step"):
-                    t0 = time.perf_counter()
-                    metrics = grpo.train_step(state, 1)
-                    wall = time.perf_counter() - t0
+            prof = profile(activities=[ProfilerActivity.CPU])
+            clock = PhaseClock(prof)
+            with phase_markers(state, clock):
+                t0 = time.perf_counter()
+                metrics = grpo.train_step(state, 1)
+                wall = time.perf_counter() - t0
+            prof.stop()
         finally:
             state.adapter.remove()
             if state.grader is not None:
                 state.grader.close()
     events = prof.key_averages()
-    by_name = {e.key: e for e in events}
-    rows = []
-    for phase in PHASES:
-        e = by_name.get(phase)
-        seconds = e.cpu_time_total / 1e6 if e is not None else 0.0
-        rows.append((phase, seconds, e.count if e is not None else 0))
+    rows = [(p, clock.seconds[p], clock.calls[p]) for p in PHASES]
     other = wall - sum(s for _, s, _ in rows)
     lines = [f"# {preset} / {arm}: one profiled step ({metrics['completion_tokens']} completion "
              f"tokens, {torch.get_num_threads()} threads), wall {wall:.1f} s",
@@ -97,6 +117,7 @@ def profile_arm(preset: str, arm: str, out_dir: Path, overrides: dict) -> dict:
     lines += [f"{p:<18} {s:8.2f} {s / wall:6.1%} {n:6d}" for p, s, n in rows]
     lines.append(f"{'(rest)':<18} {other:8.2f} {other / wall:6.1%}")
     lines.append("")
+    lines.append("operators after sampling, by self CPU time:")
     lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
