@@ -25,16 +25,17 @@ Phases (the step's peak is the largest):
    adapted weight; the KV cache ``c * L * 2 n k e`` (Qwen3-4B: 147 KB a
    token), one layer more while ``DynamicCache`` concatenates; per decode step
    the logits ``[c, V]`` and three float32 copies (scaled, softmax, CDF).
-2. **reference** (no grad, ``b`` rows): one layer's transient (MLP
-   ``3 I e``, the pooling's float32 input ``4 I``) per token, the 4-D attention
-   mask ``b L^2`` (bool) and one log-probability chunk ``[chunk, V]`` float32
-   with its ``exp`` (``2 * 4 V`` a token).
+2. **reference** (no grad, ``b`` rows): the larger of one layer's transient
+   (at ``down_proj``: its input ``I e``, the pooling's float32 copy of it
+   ``4 I``, the residual stream ``3 h e``, per token) and the LM head's (one
+   log-probability chunk ``[chunk, V]`` float32 with its ``exp``), plus the 4-D
+   attention mask ``b L^2`` (bool).
 3. **train** (grad, ``b`` rows): the gradients of the adapter (float32) and
    the activations autograd saves. Per token and layer it saves
    (``activation_bytes``): the RMSNorms' float32 inputs ``2 * 4 h`` (and
    Qwen3's q/k norms ``4 (a + k)``), the float32 input of each adapter matmul
    (``4 (3h + a + 2h + I)``, shared when the model is float32), SDPA's q, k, v,
-   out ``e (2a + 2k)`` (k, v before GQA repeat) and the MLP's gate, up and
+   out ``4 a e`` (HF repeats k, v to every head before SDPA when a mask is given) and the MLP's gate, up and
    SiLU outputs ``3 I e``. With ``gradient_checkpointing`` only each layer's
    input ``h e`` is kept per layer, and one layer at a time is recomputed in the
    backward. The backward of the LM head holds one chunk's recomputed logits
@@ -152,7 +153,7 @@ def activation_bytes(arch: Arch, e: int) -> int:
     h, a, k, i = arch.hidden, arch.attn, arch.kv, arch.intermediate
     norms = 2 * 4 * h + (4 * (a + k) if arch.qk_norm else 0)
     adapter_inputs = 4 * (3 * h + a + 2 * h + i) if e != 4 else 4 * (h + a + h + i)
-    sdpa = e * (2 * a + 2 * k)
+    sdpa = 4 * a * e                                # q, k, v (repeated to a), out
     mlp = 3 * i * e
     return norms + adapter_inputs + sdpa + mlp
 
@@ -244,9 +245,10 @@ def phases(cfg: RunConfig, arch: Arch, chunk_rows: int, micro_batch: int,
     chunk = min(logprob_chunk, micro_batch * cfg.max_new_tokens)
     mask = micro_batch * L * L
     ref = Phase("reference", dict(res))
-    ref.parts["one layer's transient (no grad)"] = T * (3 * i * e + 4 * i + 4 * h * e)
+    layer = T * (i * (e + 4) + 3 * h * e)       # down_proj's input, its float32 copy (pooling)
+    head = T * h * e + chunk * V * 8            # final states, one chunk's logits and its exp
+    ref.parts[f"larger of one layer / logprob chunk [{chunk}, V]"] = max(layer, head)
     ref.parts["attention mask [b, 1, L, L]"] = mask
-    ref.parts[f"logprob chunk [{chunk}, V] float32"] = chunk * V * 8
 
     train = Phase("train", dict(res))
     train.parts["adapter gradients (float32)"] = adapter
@@ -308,10 +310,8 @@ def plan(cfg: RunConfig, memory: int, processes: int = 1) -> Plan:
         if not ck and p.name == "train":
             fixes.append("enable gradient_checkpointing")
         fixes.append("lower max_new_tokens or max_prompt_tokens")
-        if processes == 1 or fit_mb == 0:
-            fixes.append("use more GPUs (`accelerate launch`; each process then samples and "
-                         "trains its share of the prompts)" if processes == 1 else
-                         "use a device with more memory")
+        if fit_mb == 0:     # more data-parallel GPUs would not help: each holds the whole model
+            fixes.append("use a device with more memory (FSDP is not wired in)")
         problems.append(f"the {p.name} phase needs {p.total / GiB:.1f} GiB with micro_batch_size="
                         f"{mb}: " + ", or ".join(fixes))
     return Plan(arch=arch, memory=memory, budget=budget, processes=processes, rows=rows,

@@ -115,3 +115,18 @@ def test_prompt_keys_make_a_split_of_the_prompts_reproduce_the_whole(tiny):
                      stop_at_fence=False)
     assert first.token_ids + rest.token_ids == whole.token_ids
     assert unkeyed.token_ids != whole.token_ids[1:]     # the keys are what makes it match
+
+
+def test_evaluation_streams_do_not_depend_on_prompts_per_batch(tiny):
+    """evaluate.generate at temperature 1: each sample's stream is (seed, prompt, sample),
+    so the same seed and weights give the same completions however prompts are batched
+    (and so ON, OFF and base draw the same streams)."""
+    from evil_moe.evaluate import generate
+    model, tok = tiny
+    prompts = _long_prompts(tok)
+    kw = dict(temperature=1.0, max_new_tokens=8, seed=4, progress=False)
+    a = generate(model, tok, prompts, 2, prompts_per_batch=1, **kw)
+    b = generate(model, tok, prompts, 2, prompts_per_batch=3, **kw)
+    c = generate(model, tok, prompts, 2, prompts_per_batch=2, **{**kw, "seed": 5})
+    assert a == b
+    assert a[1] != c[1]
