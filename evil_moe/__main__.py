@@ -82,7 +82,7 @@ def _train(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from . import grpo
+    from . import grpo, memory_plan
     run_dir = Path(args.run_dir)
     if (args.extract_v_act and cfg.arm in grpo.ROUTED_ARMS
             and not (run_dir / grpo.V_ACT_FILE).exists()):
@@ -90,6 +90,11 @@ def _train(args) -> int:
         # The state is a per-process singleton: create it as the trainer's Accelerator
         # will (cpu=...), or a CPU run under torchrun would see only itself.
         state = PartialState(cpu=grpo.use_cpu(cfg))
+        try:                          # the memory plan first: extraction loads the model
+            memory_plan.check(cfg, state.device.type, state.num_processes, state.device.index or 0)
+        except memory_plan.MemoryPlanError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         if state.is_main_process:
             grpo.extract_v_act_for_run(cfg, run_dir)
         state.wait_for_everyone()
