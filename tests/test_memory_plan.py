@@ -148,3 +148,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(build):
     adapter.remove()
     model(input_ids=ids, attention_mask=attn)
     assert all("forward" not in layer.__dict__ for layer in model.get_decoder().layers)
+
+
+@pytest.mark.slow
+def test_the_plan_is_within_15_percent_of_the_fake_tensor_measurement(capsys):
+    """scripts/measure_step_memory.py on the real Qwen3-4B architecture (FakeTensorMode,
+    no data, no GPU), at shorter rows so it takes about half a minute of CPU."""
+    import importlib.util
+
+    from evil_moe import paths
+    spec = importlib.util.spec_from_file_location(
+        "measure_step_memory", paths.REPO_ROOT / "scripts" / "measure_step_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rc = script.main(["--set", "micro_batch_size=2", "max_new_tokens=256",
+                      "max_prompt_tokens=256"])
+    assert rc == 0, capsys.readouterr().out
+    assert "within 15%" in capsys.readouterr().out
