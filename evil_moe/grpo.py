@@ -493,10 +493,12 @@ def _sum_gradients(acc, params: list[torch.Tensor]) -> None:
 
     Why not Accelerate's DDP wrapper: (1) the training forward runs the decoder
     and the LM head as two calls (``sequences.completion_logprobs``), not through
-    the wrapped module's ``forward``, so DDP's reducer is never armed and would
-    silently skip the synchronisation; (2) DDP averages, while our loss is
-    already normalised by the global token count and needs the sum; (3) the
-    router's gradient comes from two backward passes (policy loss, pin loss).
+    the wrapped module's ``forward``, so DDP's reducer is never armed and
+    silently skips the synchronisation (checked with two gloo processes: with
+    the submodules called directly, the ranks' gradients stay different);
+    (2) DDP averages, while our loss is already normalised by the global token
+    count and needs the sum; (3) DDP would all-reduce at every backward (each
+    micro-batch, then the pin loss) unless all but the last ran under ``no_sync``.
     The base model is frozen, so what crosses processes is only the adapter and
     router (66M float32 numbers for Qwen3-4B at rank 16): one flat all-reduce,
     as DDP's buckets would send.
