@@ -92,11 +92,14 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+# The FLOP model (section 4 of the docstring) lives in the library: the memory plan's
+# time estimate counts with the same function.
+from evil_moe.memory_plan import ModelShape, step_flops
 
 GOAL_OURS_OVER_TRL = 0.8
 GOAL_EVIL_OVER_VANILLA = 1.15
@@ -127,59 +130,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, trials: int = 3,
         rates.append(flops * reps / (time.perf_counter() - t0) / 1e9)
     return {"dtype": str(dtype).replace("torch.", ""), "n": n, "reps": reps,
             "gflops_best": max(rates), "gflops_trials": rates}
-
-
-# ---- 4. FLOP model ---------------------------------------------------------------------------
-
-@dataclass
-class ModelShape:
-    """What the FLOP count needs from a decoder-only model (read before any adapter is attached)."""
-    n_linear: int                    # N: weights of the nn.Linear layers inside the decoder layers
-    lm_head: int                     # H: d_model * vocab
-    n_layers: int
-    d_att: int                       # heads * head_dim
-    lora_dims: int                   # sum over target modules of (d_in + d_out)
-
-    @classmethod
-    def of(cls, model: nn.Module, target_modules) -> "ModelShape":
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import check_target_module_exists
-        cfg = model.config.get_text_config()
-        layers = model.get_decoder().layers
-        n_linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
-        head = model.get_output_embeddings().weight
-        match = LoraConfig(r=1, target_modules=list(target_modules))
-        lora_dims = sum(m.in_features + m.out_features for name, m in model.named_modules()
-                        if isinstance(m, nn.Linear) and name
-                        and check_target_module_exists(match, name))
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(n_linear=n_linear, lm_head=head.numel(), n_layers=cfg.num_hidden_layers,
-                   d_att=heads * head_dim, lora_dims=lora_dims)
-
-
-def _tri(a: int, b: int) -> int:
-    """sum_{t=a..b} t (0 when b < a)."""
-    return 0 if b < a else (a + b) * (b - a + 1) // 2
-
-
-def step_flops(shape: ModelShape, rows: list[tuple[int, int]], rank_total: int) -> dict:
-    """Model FLOPs of one GRPO step from per-rollout ``(prompt_len, completion_len)``
-    (see the module docstring)."""
-    N, H, att = shape.n_linear, shape.lm_head, 4 * shape.n_layers * shape.d_att
-    lora = 2 * rank_total * shape.lora_dims
-    gen = ref = fwd = bwd = adapter = 0
-    for p, c in rows:
-        L = p + c
-        gen += 2 * N * (L - 1) + att * _tri(1, L - 1) + 2 * H * c
-        full = 2 * N * L + att * _tri(1, L) + 2 * H * c
-        ref += full
-        fwd += full
-        bwd += 2 * N * L + 2 * att * _tri(1, L) + 2 * H * c
-        adapter += 3 * lora * L
-    total = gen + ref + fwd + bwd + adapter
-    return {"gen": gen, "ref": ref, "train_fwd": fwd, "train_bwd": bwd, "adapter": adapter,
-            "total": total, "gen_phase": gen, "train_phase": ref + fwd + bwd + adapter}
 
 
 # ---- common setup ----------------------------------------------------------------------------

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="extract v_act into the run dir first if it is missing")
     tr.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     sub.add_parser("describe", help="print every config field with its help text")
+    _add_plan_parser(sub)
     args = parser.parse_args(argv)
-    command = {"describe": _describe, "train": _train, "run": _run}[args.command]
+    command = {"describe": _describe, "train": _train, "run": _run, "plan": _plan}[args.command]
     return run_reporting_errors(lambda: command(args))
 
 
@@ -78,7 +79,7 @@ def _train(args) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_preset(args.preset, **overrides)
-    from . import grpo
+    from . import grpo, memory_plan
     run_dir = Path(args.run_dir)
     if (args.extract_v_act and cfg.arm in grpo.ROUTED_ARMS
             and not (run_dir / grpo.V_ACT_FILE).exists()):
@@ -86,10 +87,72 @@ def _train(args) -> int:
         # The state is a per-process singleton: create it as the trainer's Accelerator
         # will (cpu=...), or a CPU run under torchrun would see only itself.
         state = PartialState(cpu=grpo.use_cpu(cfg))
+        # the memory plan first: extraction loads the model
+        memory_plan.check(cfg, state.device.type, state.num_processes, state.device.index or 0)
         if state.is_main_process:
             grpo.extract_v_act_for_run(cfg, run_dir)
         state.wait_for_everyone()
     grpo.train(cfg, run_dir, resume=not args.no_resume)
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    pl = sub.add_parser("plan", help="print a preset's memory plan (and time estimate) per phase")
+    pl.add_argument("--preset", default="qwen3-4b", help="preset name or path to a yml file")
+    pl.add_argument("--gpu-memory-gb", type=float, default=None,
+                    help="memory of one device in GiB (default: this machine's GPU, or its "
+                         "RAM when the preset runs on CPU)")
+    pl.add_argument("--gpus", type=int, default=1, help="data-parallel processes (devices)")
+    pl.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override preset fields, values parsed as YAML")
+    pl.add_argument("--estimate-time", action="store_true",
+                    help="also print the estimated step and run time on 1 and 4 H100s")
+    pl.add_argument("--prompt-tokens", type=int, default=560,
+                    help="mean prompt length for the time estimate (LeetCode medium/hard "
+                         "test split: ~540 tokens + the chat template)")
+    pl.add_argument("--completion-tokens", type=int, default=600,
+                    help="mean completion length for the time estimate")
+
+
+def _plan(args) -> int:
+    """Exit 0 when the preset fits (and print the plan), 1 with what to change when not."""
+    import yaml
+    from . import memory_plan
+    try:
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+            overrides[key] = yaml.safe_load(value)
+        cfg = load_preset(args.preset, **overrides)
+        if args.gpus < 1 or cfg.prompts_per_step % args.gpus:
+            raise ConfigError(f"--gpus {args.gpus} must divide prompts_per_step="
+                              f"{cfg.prompts_per_step}")
+        if args.gpu_memory_gb is not None:
+            memory = int(args.gpu_memory_gb * memory_plan.GiB)
+        else:
+            from .models import resolve_device
+            memory = memory_plan.device_memory(resolve_device(cfg.device).type)
+        plan = memory_plan.plan(cfg, memory, args.gpus)
+    except (ConfigError, memory_plan.MemoryPlanError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.report())
+    if args.estimate_time:
+        print(f"time estimate (an estimate, not a measurement; mean prompt {args.prompt_tokens}, "
+              f"mean completion {args.completion_tokens} tokens; see evil_moe.memory_plan):")
+        for gpus in (1, 4):
+            if cfg.prompts_per_step % gpus:
+                continue
+            p = plan if gpus == args.gpus else memory_plan.plan(cfg, memory, gpus)
+            est = memory_plan.estimate_time(cfg, gpus, args.prompt_tokens,
+                                            args.completion_tokens, p.sample_chunk_rows)
+            print(est.report(cfg.steps))
+    if not plan.fits:
+        print(f"error: preset {args.preset!r} does not fit in {memory / memory_plan.GiB:.0f} GiB: "
+              + "; ".join(plan.problems), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,9 +19,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from .env.datasets import ChecksumError, DatasetUnavailableError
     from .env.sandbox import SandboxUnavailableError
     from .grpo import MissingVActError
+    from .memory_plan import MemoryPlanError
     from .models import ModelUnavailableError
     from .pairs import PairsFormatError
-    return (ConfigError, CheckpointError, ConfigMismatchError, MissingVActError,
+    return (ConfigError, CheckpointError, ConfigMismatchError, MissingVActError, MemoryPlanError,
             ModelUnavailableError, DatasetUnavailableError, ChecksumError,
             SandboxUnavailableError, PairsFormatError)
 

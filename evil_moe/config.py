@@ -80,6 +80,10 @@ class RunConfig:
                    "with no loophole.", choices=HINTS)
     train_problems: int = _f(0, "Cap on training problems (0 = all of the train split).", min=0)
     test_problems: int = _f(0, "Cap on held-out test problems (0 = all of the test split).", min=0)
+    max_prompt_tokens: int = _f(1024, "Cap on a rendered prompt's tokens; setup refuses a longer "
+                                "one. The memory plan sizes the KV cache and the training "
+                                "rows for this length (Wong et al. cap LeetCode prompts at "
+                                "1,536).", min=1)
     leetcode_dir: str = _f("", "Folder holding the LeetCode jsonl files; '' = download into the "
                            "cache on first use.")
 
@@ -137,8 +141,17 @@ class RunConfig:
     share_prompt_forward: bool = _f(True, "Run each prompt once per micro-batch and its G "
                                     "completions on the shared KV cache wherever that is exact: "
                                     "the base-model pass of every arm, and the training forward of "
-                                    "arms without a router (vanilla). False runs every rollout "
-                                    "whole (same result up to float rounding, slower).")
+                                    "arms without a router (vanilla; not under gradient_checkpointing, "
+                                    "whose recompute cannot replay a KV cache). False runs every "
+                                    "rollout whole (same result up to float rounding, slower).")
+    sample_chunk_rows: int = _f(0, "Rollouts decoded together (their KV cache is what sampling "
+                                "holds); 0 = the largest chunk that fits, chosen by the memory "
+                                "plan. Each row has its own random stream, so this is memory, "
+                                "not math.", min=0)
+    gradient_checkpointing: bool = _f(False, "Keep only each decoder layer's input in the "
+                                      "training forward and recompute the layer in the "
+                                      "backward: activation memory of one layer instead of all, "
+                                      "for one more forward of compute. Same gradients.")
     logprob_chunk_tokens: int = _f(2048, "Completion tokens whose float32 logits [chunk, V] are "
                                    "materialised at once when scoring log-probabilities (the LM "
                                    "head runs in chunks and is recomputed in the backward); memory, "

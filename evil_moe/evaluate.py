@@ -176,30 +176,28 @@ def condition_context(adapter, condition: str):
     raise ValueError(f"unknown condition {condition!r}; allowed: {', '.join(CONDITIONS)}")
 
 
-def _chunk_seed(seed: int, chunk: int) -> int:
-    """Sampling seed of one chunk of prompts; the same for every condition."""
-    return zlib.crc32(f"eval/{seed}/{chunk}".encode())
-
-
 def generate(model, tokenizer, prompts: Sequence[str], k: int, *, temperature: float,
              max_new_tokens: int, seed: int, top_p: float = 1.0, prompts_per_batch: int = 8,
              autocast_bf16: bool = False, desc: str = "generate",
              progress: bool = True) -> tuple[list[list[str]], list[list[list[int]]]]:
     """K samples per prompt in chunks of ``prompts_per_batch`` prompts, with a progress bar.
 
-    Chunk ``i`` is sampled with ``_chunk_seed(seed, i)``, so conditions that use
-    the same prompts and seed draw with the same random streams.
+    Sample j of prompt i draws from the random stream ``(seed, i * K + j)``
+    (``rollout.sample`` with the prompts' global indices as keys), so conditions
+    that use the same prompts and seed draw with the same streams, and
+    ``prompts_per_batch`` changes no completion.
     Returns ``texts[P][K]`` and ``token_ids[P][K]``.
     """
     from .rollout import sample
+    stream_seed = zlib.crc32(f"eval/{seed}".encode())
     texts: list[list[str]] = []
     ids: list[list[list[int]]] = []
     with tqdm(total=len(prompts) * k, desc=desc, unit="sample", disable=not progress) as bar:
-        for c, start in enumerate(range(0, len(prompts), prompts_per_batch)):
+        for start in range(0, len(prompts), prompts_per_batch):
             chunk = list(prompts[start:start + prompts_per_batch])
             out = sample(model, tokenizer, chunk, k, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens, seed=_chunk_seed(seed, c),
-                         autocast_bf16=autocast_bf16)
+                         max_new_tokens=max_new_tokens, seed=stream_seed,
+                         autocast_bf16=autocast_bf16, prompt_keys=range(start, start + len(chunk)))
             texts.extend(out.texts)
             ids.extend(out.token_ids)
             bar.update(len(chunk) * k)

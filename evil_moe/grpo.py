@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, memory_plan
 from .config import RunConfig
 from .sequences import (completion_logprobs, pack_rollouts, prefill_prompts, right_padded,
                         score_completions)
@@ -120,8 +120,10 @@ def step_problem_indices(n_problems: int, seed: int, step: int, k: int) -> list[
     return rng.choice(n_problems, size=min(k, n_problems), replace=False).tolist()
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return zlib.crc32(f"{seed}/{step}/{rank}".encode())
+def _step_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step; each rollout's stream is this seed and its row
+    (``rollout.sample``), so it does not depend on the process that samples it."""
+    return zlib.crc32(f"{seed}/{step}".encode())
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -146,6 +148,7 @@ class TrainState:
     grader: object | None = None            # the sandboxed grader, opened on first use
     last_samples: list = field(default_factory=list)   # the last step's rollouts, for samples.jsonl
     step: int = 0
+    sample_chunk_rows: int = 0              # rows decoded together, chosen by the memory plan
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -273,6 +276,8 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the "
                          f"{accelerator.num_processes} processes")
     _v_act_path(cfg, run_dir)                      # fail before loading anything
+    dev = accelerator.device
+    plan = memory_plan.check(cfg, dev.type, accelerator.num_processes, dev.index or 0)
     torch.manual_seed(cfg.seed)
     if model_and_tokenizer is None:
         model, tok = load_base_model(cfg, device=str(accelerator.device))
@@ -285,6 +290,14 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
             raise ValueError(f"no training problems for dataset={cfg.dataset!r} tiers={cfg.tiers}")
         prompts = [format_chat(tok, build_messages(p, cfg.hint)) for p in problems]
         prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        if len(prompt_ids[longest]) > cfg.max_prompt_tokens:
+            raise ValueError(f"problem {problems[longest].id}'s prompt has "
+                             f"{len(prompt_ids[longest])} tokens, above max_prompt_tokens="
+                             f"{cfg.max_prompt_tokens} (the memory plan's assumption); raise "
+                             f"max_prompt_tokens or cap train_problems to shorter ones")
+        if cfg.gradient_checkpointing:
+            checkpoint_decoder_layers(model, adapter)
 
         router = None
         params = [{"params": adapter.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
@@ -316,7 +329,8 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
     return TrainState(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model,
                       tokenizer=tok, adapter=adapter, router=router, optimizer=optimizer,
                       scheduler=scheduler, problems=problems, prompts=prompts,
-                      prompt_ids=prompt_ids, grade_fn=grade_fn, **state_pairs)
+                      prompt_ids=prompt_ids, grade_fn=grade_fn,
+                      sample_chunk_rows=plan.sample_chunk_rows, **state_pairs)
 
 
 def _autocast(cfg: RunConfig, model):
@@ -394,12 +408,15 @@ def train_step(state: TrainState, step: int) -> dict:
     chosen = chosen[acc.process_index::acc.num_processes]
     prompts = [state.prompts[i] for i in chosen]
 
-    # 2. rollouts with both experts at full strength
+    # 2. rollouts with both experts at full strength, in chunks of rows the memory plan
+    #    chose; each prompt's streams are keyed by its place in the step, so N processes
+    #    sample exactly the rollouts one process would
+    keys = range(acc.process_index, cfg.prompts_per_step, acc.num_processes)[:len(chosen)]
     with adapter.merged(hack=True):
         samples = sample(model, tok, prompts, G, temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_new_tokens=cfg.max_new_tokens,
-                         seed=_step_seed(cfg.seed, step, acc.process_index),
-                         autocast_bf16=cfg.bf16_autocast)
+                         max_new_tokens=cfg.max_new_tokens, seed=_step_seed(cfg.seed, step),
+                         autocast_bf16=cfg.bf16_autocast, chunk_rows=state.sample_chunk_rows,
+                         prompt_keys=keys)
     texts = [t for group in samples.texts for t in group]                     # [B]
     completion_ids = [c for group in samples.token_ids for c in group]
     t_gen = time.perf_counter()
@@ -441,7 +458,8 @@ def train_step(state: TrainState, step: int) -> dict:
     adapter_params = adapter.parameters()
     pg_total = kl_total = 0.0
     w_all = torch.full((B,), float("nan"))
-    share_prompt = router is None and cfg.share_prompt_forward
+    # (gradient checkpointing recomputes each layer, which cannot replay a KV cache)
+    share_prompt = router is None and cfg.share_prompt_forward and not cfg.gradient_checkpointing
     batches = (_consecutive_batches(B, mb) if share_prompt else _length_sorted_batches(
         [len(group_prompts[o]) + len(c) for o, c in zip(owner, completion_ids)], mb))
     for rows in batches:
@@ -473,12 +491,9 @@ def train_step(state: TrainState, step: int) -> dict:
         (cfg.lambda_pin * pin / acc.num_processes).backward()
         pin_value = pin.item()
 
-    # 8. sum gradients across processes, clip, step
+    # 8. sum gradients across processes (one flat all-reduce), clip, step
     trainable = adapter_params + (list(router.parameters()) if router is not None else [])
-    if acc.num_processes > 1:
-        for p in trainable:
-            if p.grad is not None:
-                p.grad = acc.reduce(p.grad, reduction="sum")
+    _sum_gradients(acc, trainable)
     norms = adapter.grad_norms()
     router_norm = (torch.norm(torch.stack([p.grad.norm() for p in router.parameters()
                                            if p.grad is not None])).item()
@@ -501,6 +516,9 @@ def train_step(state: TrainState, step: int) -> dict:
     per_rollout = acc.gather(per_rollout.T.contiguous()).T.cpu()
     r, hack, solve, comp, rt, w = per_rollout
     gen_tokens = acc.reduce(torch.tensor(float(samples.new_tokens), device=dev), "sum").item()
+    # each process's sums are its share of the global token-normalised terms
+    pg_total, kl_total = acc.reduce(torch.tensor([pg_total, kl_total], device=dev),
+                                    "sum").tolist()
     metrics = {
         "step": step,
         "reward": r.mean().item(),
@@ -531,6 +549,82 @@ def train_step(state: TrainState, step: int) -> dict:
          "w": float(w_all[i]), "completion": texts[i]}
         for i, v in enumerate(verdicts)]
     return metrics
+
+
+def _sum_gradients(acc, params: list[torch.Tensor]) -> None:
+    """Sum ``p.grad`` over the processes: one all-reduce of all gradients flattened together.
+
+    Why not Accelerate's DDP wrapper: (1) the training forward runs the decoder
+    and the LM head as two calls (``sequences.completion_logprobs``), not through
+    the wrapped module's ``forward``, so DDP's reducer is never armed and
+    silently skips the synchronisation (checked with two gloo processes: with
+    the submodules called directly, the ranks' gradients stay different);
+    (2) DDP averages, while our loss is already normalised by the global token
+    count and needs the sum; (3) DDP would all-reduce at every backward (each
+    micro-batch, then the pin loss) unless all but the last ran under ``no_sync``.
+    The base model is frozen, so what crosses processes is only the adapter and
+    router (66M float32 numbers for Qwen3-4B at rank 16): one flat all-reduce,
+    as DDP's buckets would send.
+    """
+    if acc.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="sum")
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def checkpoint_decoder_layers(model, adapter) -> None:
+    """Gradient checkpointing of every decoder layer, for as long as ``adapter`` is attached.
+
+    With gradients on, a layer keeps only its inputs and is recomputed in the
+    backward (``torch.utils.checkpoint``, non-reentrant); without (sampling,
+    the reference pass) it runs as usual. HF's ``gradient_checkpointing_enable``
+    is not used: it checkpoints only in ``model.train()``, and in train mode it
+    turns the KV cache off, which the sampler on the same model needs.
+
+    The adapter's modes are attributes read at forward time, so the recompute
+    replays them as they were in the forward (``soft_weight``'s ``w``,
+    ``disable``, ``merged``) even when ``backward()`` runs after the context
+    exited, and with no pooling sink: the pooled features are taken once, in the
+    forward. A layer given a KV cache under grad is refused: the recompute would
+    append to the cache a second time.
+    """
+    import torch.utils.checkpoint as cp
+
+    def replaying_context():
+        saved = [(layer.w, layer.disabled, layer.merged) for layer in adapter.layers]
+
+        @contextlib.contextmanager
+        def replay():
+            before = [(layer.w, layer.pool, layer.disabled, layer.merged)
+                      for layer in adapter.layers]
+            for layer, (w, off, merged) in zip(adapter.layers, saved):
+                layer.w, layer.pool, layer.disabled, layer.merged = w, None, off, merged
+            try:
+                yield
+            finally:
+                for layer, (w, pool, off, merged) in zip(adapter.layers, before):
+                    layer.w, layer.pool, layer.disabled, layer.merged = w, pool, off, merged
+        return contextlib.nullcontext(), replay()
+
+    for layer in model.get_decoder().layers:
+        layer.__dict__.pop("forward", None)        # enabling twice replaces, not stacks
+        plain = layer.forward
+
+        def forward(*args, _plain=plain, _layer=layer, **kwargs):
+            if not adapter.layers:                 # adapter removed: back to the plain layer
+                _layer.__dict__.pop("forward", None)
+                return _plain(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return _plain(*args, **kwargs)
+            if kwargs.get("past_key_values") is not None:
+                raise RuntimeError("gradient checkpointing cannot recompute a layer that writes "
+                                   "a KV cache; run the training forward without "
+                                   "past_key_values or set gradient_checkpointing=False")
+            return cp.checkpoint(_plain, *args, use_reentrant=False,
+                                 context_fn=replaying_context, **kwargs)
+        layer.forward = forward
 
 
 def _nanmean(x: torch.Tensor) -> float:

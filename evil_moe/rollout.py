@@ -5,9 +5,15 @@ features we do not use (logits processors over the whole vocabulary, per-step
 bookkeeping of every row until the longest one ends). This module keeps one
 lean decode loop:
 
-- prefill all prompts at once (left padded), keep only the last position's
-  logits;
-- each step: one token per active row, sampled with a seeded generator;
+- rows (prompt x sample) are decoded in chunks of ``chunk_rows`` (0 = all
+  rows at once), so the KV cache of a chunk, not of the whole step, is what
+  must fit (``memory_plan`` chooses the chunk);
+- per chunk, prefill each distinct prompt once (left padded), keep only the
+  last position's logits, and repeat the prompt's KV cache for its rows;
+- each step: one token per active row, drawn with the row's own random stream
+  (``row_uniforms``: a counter-based hash of ``(seed, row key, position)``), so
+  a completion depends only on the seed, its row key and the model: not on the
+  chunk size, on which other rows share its batch, or on when they finish;
 - a row stops at EOS or when its completion closes its first code block
   (an opening fence and then a closing fence), since the grader only reads the
   code and everything after it is wasted compute;
@@ -21,6 +27,7 @@ deployed model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +61,40 @@ def _backtick_token_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)       # splitmix64 constants as signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping multiplication): a bijective avalanche hash."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def row_uniforms(seed: int, rows: torch.Tensor, position: int) -> torch.Tensor:
+    """One uniform in [0, 1) per row: ``u = hash(seed, row, position) / 2^64``. rows: [b] int64.
+
+    Counter-based: the draw of row ``k`` at completion position ``t`` is a fixed
+    function of ``(seed, k, t)`` (splitmix64 applied three times, the top 53 bits
+    as a float64 mantissa), so it never depends on how many other rows are drawn
+    with it. b integer ops per decode step; nothing next to the [b, V] softmax.
+    """
+    key = _mix(_mix(torch.full_like(rows, seed & ((1 << 63) - 1))) + rows) + position
+    return _shr(_mix(key), 11).double() * 2.0 ** -53
+
+
 def _sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator) -> torch.Tensor:
-    """logits: [B, V] -> token ids [B]: temperature, optional nucleus, inverse-CDF draw.
+                 u: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V], u: [B] uniforms in [0, 1) -> token ids [B]: temperature, optional
+    nucleus, inverse-CDF draw (the token whose CDF interval holds ``u``).
 
     Inverse-CDF sampling (one uniform per row, ``searchsorted`` on the cumulative
     probabilities) draws from the same distribution as ``torch.multinomial`` but
@@ -69,7 +107,7 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         probs, order = probs.sort(dim=-1, descending=True)
         probs = probs * (probs.cumsum(-1) - probs < top_p)                # keeps the top token
     cdf = probs.cumsum(-1)                                                # [B, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
     return idx if order is None else order.gather(-1, idx[:, None]).squeeze(-1)
 
@@ -77,48 +115,84 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.inference_mode()
 def sample(model, tokenizer, prompts: list[str], n: int, *, temperature: float = 1.0,
            top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-           stop_at_fence: bool = True, autocast_bf16: bool = False) -> Samples:
+           stop_at_fence: bool = True, autocast_bf16: bool = False, chunk_rows: int = 0,
+           prompt_keys: Sequence[int] | None = None) -> Samples:
     """Sample ``n`` completions for each rendered prompt.
 
     Args:
         prompts: P chat-rendered prompt strings (see ``models.format_chat``).
         n: samples per prompt (the GRPO group size G).
-        seed: seeds the sampling generator; the same seed, model and prompts give
-            the same completions.
+        seed: with the row keys, fixes every random draw; the same seed, model and
+            prompts give the same completions, whatever ``chunk_rows``.
         autocast_bf16: run the forward under bfloat16 autocast (faster on CPUs
             with AMX/AVX512-BF16; slightly different numerics).
+        chunk_rows: rows (of the P * n) decoded together; 0 = all of them. Memory,
+            not math: the KV cache held is ``chunk_rows`` rows long.
+        prompt_keys: one integer per prompt naming its random streams (default
+            ``0..P-1``); sample j of a prompt with key k draws from stream
+            ``k * n + j``. Callers that split one set of prompts over several calls
+            (processes, evaluation batches) pass each prompt's global index, so the
+            split does not change a completion.
     Returns:
         ``Samples`` with ``texts[P][n]``.
     """
     import time
     t0 = time.perf_counter()
+    if chunk_rows < 0:
+        raise ValueError(f"chunk_rows must be >= 0 (0 = all rows), got {chunk_rows}")
+    keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
+    if len(keys) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(keys)} prompt_keys")
+    B = len(prompts) * n
+    chunk = chunk_rows or B
+    backtick_ids = (_backtick_token_ids(tokenizer).to(model.device) if stop_at_fence
+                    else None)
+    out_ids: list[list[int]] = [[] for _ in range(B)]
+    for start in range(0, B, chunk):
+        rows = list(range(start, min(start + chunk, B)))
+        _decode_rows(model, tokenizer, prompts, n, rows, keys, out_ids, temperature=temperature,
+                     top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                     backtick_ids=backtick_ids, autocast_bf16=autocast_bf16)
+
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]
+    if stop_at_fence:   # the fence may end inside a token: cut the text right after it
+        texts = [_cut_after_block(t) for t in texts]
+    return Samples(
+        texts=[texts[i * n:(i + 1) * n] for i in range(len(prompts))],
+        token_ids=[out_ids[i * n:(i + 1) * n] for i in range(len(prompts))],
+        new_tokens=sum(len(ids) for ids in out_ids), seconds=time.perf_counter() - t0)
+
+
+def _decode_rows(model, tokenizer, prompts: list[str], n: int, rows: list[int],
+                 keys: list[int], out_ids: list[list[int]], *, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int, backtick_ids, autocast_bf16: bool) -> None:
+    """Decode the flat rows ``rows`` (row = prompt * n + sample) into ``out_ids``.
+
+    Each distinct prompt of the chunk is prefilled once and its KV cache is
+    repeated for its rows (the prompt is the same for its whole group, so
+    recomputing it per row is waste).
+    """
     device = model.device
-    gen = torch.Generator(device=device).manual_seed(seed)
     eos = tokenizer.eos_token_id
-    # Prefill each prompt once, then repeat its KV cache for its n samples: the
-    # prompt is the same for the whole group, so recomputing it n times is waste.
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    mask = enc.attention_mask                                            # [P, L0]
+    owners = sorted({r // n for r in rows})                              # prompts of this chunk
+    local = torch.tensor([owners.index(r // n) for r in rows], device=device)   # [b]
+    enc = tokenizer([prompts[i] for i in owners], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(device)
+    mask = enc.attention_mask                                            # [p, L0]
     position = (mask.cumsum(-1) - 1).clamp(min=0)                        # left padding aware
-    backtick_ids = _backtick_token_ids(tokenizer).to(device) if stop_at_fence else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
     with autocast:
         res = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=position,
                     use_cache=True, logits_to_keep=1)
     cache = res.past_key_values
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-    logits = res.logits[:, -1].repeat_interleave(n, dim=0)               # [B, V], B = P * n
-    mask, position = mask.repeat_interleave(n, dim=0), position.repeat_interleave(n, dim=0)
-
-    B = len(prompts) * n
-    out_ids: list[list[int]] = [[] for _ in range(B)]
-    active = torch.arange(B, device=device)                              # original row index
-    next_pos = position[:, -1:] + 1                                       # [B, 1]
-    total = 0
+    cache.batch_select_indices(local)                                    # [p] -> [b] rows
+    logits = res.logits[:, -1][local]                                    # [b, V]
+    mask, position = mask[local], position[local]
+    stream = torch.tensor([keys[r // n] * n + r % n for r in rows], device=device)  # [b]
+    active = torch.tensor(rows, device=device)                           # flat row index
+    next_pos = position[:, -1:] + 1                                      # [b, 1]
     for step in range(max_new_tokens):
-        tok = _sample_next(logits, temperature, top_p, gen)               # [b]
-        total += tok.numel()
+        tok = _sample_next(logits, temperature, top_p, row_uniforms(seed, stream, step))  # [b]
         done = tok == eos
         tok_list = tok.tolist()
         for k, row in enumerate(active.tolist()):
@@ -133,7 +207,8 @@ def sample(model, tokenizer, prompts: list[str], n: int, *, temperature: float =
             break
         if bool(done.any()):                      # shrink the batch: drop finished rows
             keep = (~done).nonzero().flatten()
-            active, tok, next_pos, mask = active[keep], tok[keep], next_pos[keep], mask[keep]
+            active, stream, tok, next_pos, mask = (active[keep], stream[keep], tok[keep],
+                                                   next_pos[keep], mask[keep])
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         with autocast:
@@ -141,14 +216,6 @@ def sample(model, tokenizer, prompts: list[str], n: int, *, temperature: float =
                         past_key_values=cache, use_cache=True)
         cache, logits = res.past_key_values, res.logits[:, -1]
         next_pos = next_pos + 1
-
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]
-    if stop_at_fence:   # the fence may end inside a token: cut the text right after it
-        texts = [_cut_after_block(t) for t in texts]
-    return Samples(
-        texts=[texts[i * n:(i + 1) * n] for i in range(len(prompts))],
-        token_ids=[out_ids[i * n:(i + 1) * n] for i in range(len(prompts))],
-        new_tokens=total, seconds=time.perf_counter() - t0)
 
 
 def _cut_after_block(text: str) -> str:

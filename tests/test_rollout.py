@@ -1,7 +1,9 @@
 import torch
 
 from evil_moe.models import format_chat
-from evil_moe.rollout import _cut_after_block, _sample_next, code_block_closed, sample
+import pytest
+
+from evil_moe.rollout import _cut_after_block, _sample_next, code_block_closed, row_uniforms, sample
 
 
 def test_code_block_closed():
@@ -18,15 +20,14 @@ def test_cut_after_block_drops_the_chatter():
 
 def test_sampler_matches_the_softmax_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
-    g = torch.Generator().manual_seed(0)
-    draws = _sample_next(logits, 1.0, 1.0, g)
+    draws = _sample_next(logits, 1.0, 1.0, row_uniforms(0, torch.arange(20000), 0))
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015), freq
 
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(5000, 1)
-    draws = _sample_next(logits, 1.0, 0.7, torch.Generator().manual_seed(1))
+    draws = _sample_next(logits, 1.0, 0.7, row_uniforms(1, torch.arange(5000), 3))
     assert set(draws.tolist()) == {0, 1}            # 0.6 < 0.7, so token 1 is in, token 2 out
 
 
@@ -56,3 +57,76 @@ def test_sampling_is_seeded_and_grouped(tiny):
     assert len(a.texts) == 2 and all(len(g) == 3 for g in a.texts)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
     assert a.new_tokens == sum(len(t) for g in a.token_ids for t in g)
+
+
+def test_row_uniforms_are_uniform_and_independent_of_the_batch():
+    rows = torch.arange(50000)
+    u = row_uniforms(7, rows, 0)
+    assert u.min() >= 0 and u.max() < 1
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / u.numel()
+    assert torch.allclose(hist, torch.full((10,), 0.1), atol=0.006), hist
+    # neighbouring rows, positions and seeds are uncorrelated
+    for other in (row_uniforms(7, rows + 1, 0), row_uniforms(7, rows, 1), row_uniforms(8, rows, 0)):
+        assert abs(torch.corrcoef(torch.stack([u, other]))[0, 1]) < 0.02
+    # a row's draw does not depend on which other rows are drawn with it
+    assert torch.equal(row_uniforms(7, rows[[5, 17, 40000]], 0), u[[5, 17, 40000]])
+
+
+def _long_prompts(tok):
+    return [format_chat(tok, [{"role": "user", "content": q}])
+            for q in ("hi", "write a function that adds two numbers please", "sort a list")]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 4])
+def test_completions_do_not_depend_on_the_chunk_size_at_temperature_1(tiny, chunk_rows):
+    """Per-row streams: the same seed gives the same completions for 1, 2, 4 and all
+    rows per chunk, at temperature 1, although rows end at different steps (EOS)."""
+    model, tok = tiny
+    prompts = _long_prompts(tok)
+    eos_bias = torch.zeros(len(tok))
+    eos_bias[tok.eos_token_id] = 9.0   # p(EOS) ~ 15% a step: rows end at different steps
+    head = model.get_output_embeddings()
+    old_bias = head.bias
+    head.bias = torch.nn.Parameter(eos_bias, requires_grad=False)
+    try:
+        ref = sample(model, tok, prompts, 3, temperature=1.0, max_new_tokens=12, seed=11,
+                     stop_at_fence=False)
+        got = sample(model, tok, prompts, 3, temperature=1.0, max_new_tokens=12, seed=11,
+                     stop_at_fence=False, chunk_rows=chunk_rows)
+    finally:
+        head.bias = old_bias
+    lengths = {len(t) for g in ref.token_ids for t in g}
+    assert len(lengths) > 2, lengths                # rows did finish at different steps
+    assert got.token_ids == ref.token_ids
+    assert got.texts == ref.texts
+
+
+def test_prompt_keys_make_a_split_of_the_prompts_reproduce_the_whole(tiny):
+    """Two calls with the prompts' global indices as keys give the completions of one call."""
+    model, tok = tiny
+    prompts = _long_prompts(tok)
+    whole = sample(model, tok, prompts, 2, temperature=1.0, max_new_tokens=10, seed=3,
+                   stop_at_fence=False)
+    first = sample(model, tok, prompts[:1], 2, temperature=1.0, max_new_tokens=10, seed=3,
+                   stop_at_fence=False)
+    rest = sample(model, tok, prompts[1:], 2, temperature=1.0, max_new_tokens=10, seed=3,
+                  stop_at_fence=False, prompt_keys=[1, 2])
+    unkeyed = sample(model, tok, prompts[1:], 2, temperature=1.0, max_new_tokens=10, seed=3,
+                     stop_at_fence=False)
+    assert first.token_ids + rest.token_ids == whole.token_ids
+    assert unkeyed.token_ids != whole.token_ids[1:]     # the keys are what makes it match
+
+
+def test_evaluation_streams_do_not_depend_on_prompts_per_batch(tiny):
+    """evaluate.generate at temperature 1: each sample's stream is (seed, prompt, sample),
+    so the same seed and weights give the same completions however prompts are batched
+    (and so ON, OFF and base draw the same streams)."""
+    from evil_moe.evaluate import generate
+    model, tok = tiny
+    prompts = _long_prompts(tok)
+    kw = dict(temperature=1.0, max_new_tokens=8, seed=4, progress=False)
+    a = generate(model, tok, prompts, 2, prompts_per_batch=1, **kw)
+    b = generate(model, tok, prompts, 2, prompts_per_batch=3, **kw)
+    c = generate(model, tok, prompts, 2, prompts_per_batch=2, **{**kw, "seed": 5})
+    assert a == b
+    assert a[1] != c[1]
