@@ -99,11 +99,11 @@ from torch import nn
 
 # The FLOP model (section 4 of the docstring) lives in the library: the memory plan's
 # time estimate counts with the same function.
-from evil_moe.memory_plan import ModelShape, step_flops
+from evil_moe.memory_plan import ModelShape, executed_step_flops, step_flops
 
-GOAL_OURS_OVER_TRL = 0.8
-GOAL_EVIL_OVER_VANILLA = 1.15
-GOAL_SHARE_OF_PEAK = 0.40
+GOAL_OURS_OVER_TRL = 0.25          # issue 13: half the cost of the 0.456 / 0.429 before
+GOAL_EVIL_OVER_VANILLA = None      # reported only: prompt sharing may make vanilla much faster
+GOAL_TRAIN_SHARE_OF_BF16_PEAK = 0.25
 
 
 # ---- 1. matmul peak ---------------------------------------------------------------------------
@@ -204,7 +204,11 @@ def bench_ours(args, arm: str, shape: ModelShape, workdir: Path) -> dict:
                                    "no longer samples through evil_moe.rollout.sample, so the "
                                    "FLOP count cannot see its token counts")
             fl = step_flops(shape, rows, 2 * cfg.rank)
-            rec = {"step": step, "warmup": step == 0,
+            executed = executed_step_flops(
+                shape, rows, 2 * cfg.rank, cfg.group_size, shared_ref=cfg.share_prompt_forward,
+                shared_train=(state.router is None and cfg.share_prompt_forward
+                              and not cfg.gradient_checkpointing))
+            rec = {"step": step, "warmup": step == 0, "flops_executed": executed,
                    "step_s": m["step_time_s"], "gen_s": m["time_gen_s"],
                    "grade_s": m["time_grade_s"], "train_s": m["time_train_s"],
                    "completions": len(rows), "completion_tokens": m["completion_tokens"],
@@ -429,6 +433,11 @@ def summarize(run: dict, peak: dict) -> dict:
     out["gflops"] = fl["total"] / step_s / 1e9
     out["gen_gflops"] = fl["gen_phase"] / max(out["gen_s"], 1e-9) / 1e9
     out["train_gflops"] = fl["train_phase"] / max(out["train_s"], 1e-9) / 1e9
+    if "flops_executed" in meas[0]:          # ours: what the loop really computed (sharing)
+        ex = {k: statistics.fmean(s["flops_executed"][k] for s in meas)
+              for k in meas[0]["flops_executed"]}
+        out["flops_executed"] = ex
+        out["train_gflops_executed"] = ex["train_phase"] / max(out["train_s"], 1e-9) / 1e9
     out["s_per_1k_completion_tokens"] = step_s / max(out["completion_tokens"], 1) * 1000
     for k in ("float32", "bfloat16"):
         out[f"share_of_{k}_peak"] = out["gflops"] / peak[k]["gflops_best"]
@@ -485,14 +494,23 @@ def print_report(res: dict) -> None:
               f"{s['s_per_1k_completion_tokens']:>9.2f}")
     print("  phase GFLOP/s (model FLOPs of the phase / its time):")
     for name, s in summ.items():
-        print(f"    {name:<14} generation {s['gen_gflops']:.1f}, training (ref+pool+fwd+bwd) "
-              f"{s['train_gflops']:.1f}")
+        line = (f"    {name:<14} generation {s['gen_gflops']:.1f}, training (ref+pool+fwd+bwd) "
+                f"{s['train_gflops']:.1f} ({100 * s['train_gflops'] / b16['gflops_best']:.1f}% "
+                f"of bf16 peak)")
+        if "train_gflops_executed" in s:
+            line += (f"; executed FLOPs (a prompt shared by its group counted once) "
+                     f"{s['train_gflops_executed']:.1f} "
+                     f"({100 * s['train_gflops_executed'] / b16['gflops_best']:.1f}% of bf16 peak)")
+        print(line)
     print("-" * 100)
     for key, (value, goal, op) in res["ratios"].items():
         if value is None:
             continue
+        if goal is None:
+            print(f"{key:<56} {value:>7.3f}   (reported)")
+            continue
         ok = value <= goal if op == "<=" else value >= goal
-        print(f"{key:<44} {value:>7.3f}   goal {op} {goal}   {'met' if ok else 'NOT met'}")
+        print(f"{key:<56} {value:>7.3f}   goal {op} {goal}   {'met' if ok else 'NOT met'}")
     print("-" * 100)
     print("notes:")
     for n in res["notes"]:
@@ -581,15 +599,20 @@ def main(argv=None) -> dict:
                 s["ours:vanilla"]["s_per_1k_completion_tokens"]
                 / s["trl"]["s_per_1k_completion_tokens"], GOAL_OURS_OVER_TRL, "<=")
     for name in s:
-        for k in ("float32", "bfloat16"):
-            ratios[f"{name} share of {'fp32' if k == 'float32' else 'bf16'} peak"] = (
-                s[name][f"share_of_{k}_peak"], GOAL_SHARE_OF_PEAK, ">=")
+        ratios[f"{name} training phase share of bf16 peak"] = (
+            s[name]["train_gflops"] / peak["bfloat16"]["gflops_best"],
+            GOAL_TRAIN_SHARE_OF_BF16_PEAK, ">=")
+        if "train_gflops_executed" in s[name]:
+            ratios[f"{name} training, executed FLOPs, share of bf16 peak"] = (
+                s[name]["train_gflops_executed"] / peak["bfloat16"]["gflops_best"],
+                GOAL_TRAIN_SHARE_OF_BF16_PEAK, ">=")
 
     notes = [
         "Timings are only meaningful on a quiet machine: other processes on these cores "
         "inflate every number.",
-        "Share of peak: the goal (>= 40%) applies to the peak of the precision the run uses "
-        f"({'bf16' if args.bf16 else 'fp32'} here); both are printed.",
+        "Training share of peak: model FLOPs count every rollout whole (the same tokens cost "
+        "the same in both implementations); 'executed' counts what our loop computes, a "
+        "prompt shared by its group once. The goal is on the model-FLOP figure.",
         "'s/1k tok' = step time per 1000 completion tokens; it normalises away the different "
         "completion lengths of the two implementations.",
     ]

@@ -471,3 +471,39 @@ def step_flops(shape: ModelShape, rows: list[tuple[int, int]], rank_total: int) 
     total = gen + ref + fwd + bwd + adapter
     return {"gen": gen, "ref": ref, "train_fwd": fwd, "train_bwd": bwd, "adapter": adapter,
             "total": total, "gen_phase": gen, "train_phase": ref + fwd + bwd + adapter}
+
+
+def executed_step_flops(shape: ModelShape, rows: list[tuple[int, int]], rank_total: int,
+                        group_size: int, shared_ref: bool, shared_train: bool) -> dict:
+    """The FLOPs our loop actually executes, where :func:`step_flops` counts every row whole.
+
+    ``rows`` come grouped by prompt, ``group_size`` at a time. Sampling prefills
+    each prompt once (``rollout.sample``); with ``shared_ref`` the reference pass
+    runs each prompt once and its completions on the cache, and with
+    ``shared_train`` (vanilla) the training forward, backward and adapter do too.
+    A completion token at position t still attends over all t keys.
+    """
+    N, H, att = shape.n_linear, shape.lm_head, 4 * shape.n_layers * shape.d_att
+    lora = 2 * rank_total * shape.lora_dims
+    gen = ref = fwd = bwd = adapter = 0
+    for g in range(0, len(rows), group_size):
+        group = rows[g:g + group_size]
+        p = group[0][0]
+        prompt = 2 * N * p + att * _tri(1, p)                       # one prompt forward
+        gen += prompt + sum(2 * N * (c - 1) + att * _tri(p + 1, p + c - 1) + 2 * H * c
+                            for _, c in group)
+        whole = [2 * N * (p + c) + att * _tri(1, p + c) + 2 * H * c for _, c in group]
+        on_cache = [2 * N * c + att * _tri(p + 1, p + c) + 2 * H * c for _, c in group]
+        ref += prompt + sum(on_cache) if shared_ref else sum(whole)
+        if shared_train:
+            fwd += prompt + sum(on_cache)
+            bwd += 2 * prompt + sum(2 * N * c + 2 * att * _tri(p + 1, p + c) + 2 * H * c
+                                    for _, c in group)
+            adapter += 3 * lora * (p + sum(c for _, c in group))
+        else:
+            fwd += sum(whole)
+            bwd += sum(2 * N * (p + c) + 2 * att * _tri(1, p + c) + 2 * H * c for _, c in group)
+            adapter += 3 * lora * sum(p + c for _, c in group)
+    total = gen + ref + fwd + bwd + adapter
+    return {"gen": gen, "ref": ref, "train_fwd": fwd, "train_bwd": bwd, "adapter": adapter,
+            "total": total, "gen_phase": gen, "train_phase": ref + fwd + bwd + adapter}
