@@ -2,10 +2,12 @@
 
 A :class:`Sandbox` owns a pool of worker processes (``_worker.py``, one per
 CPU core by default). Each worker is a trusted fork-server living in its own
-network and mount namespaces; it forks a fresh, confined child per program,
-enforces the wall deadline and kills the program's whole process tree
-afterwards. See ``_worker.py`` for the isolation layers and for why the record
-stream cannot forge a pass.
+network and mount namespaces, with a jail of its own that shares no file with
+any other; a pristine zygote that never sees a job forks a fresh, confined
+child per program, the worker enforces the wall deadline, and the program's
+whole process tree is killed afterwards. See ``_worker.py`` for the isolation
+layers and for why the record stream cannot forge a pass, and the book's
+sandbox page for each guarantee with the test that shows it.
 
 A :class:`Program` is ``setup`` (trusted code, run first), ``code`` (untrusted,
 run second in the same namespace) and ``calls``: expressions evaluated after
