@@ -58,7 +58,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .datasets import Problem
+from .datasets import Problem, default_timeout_s
 from .judge import Judge, Judgement
 from .sandbox import Program, RunResult, Sandbox
 
@@ -378,8 +378,13 @@ class Grader:
 
 
 def grader_from_config(cfg) -> Grader:
-    """A grader with the run config's sandbox settings; ``no_hint`` turns the loophole off."""
-    return Grader(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb,
+    """A grader with the run config's sandbox settings; ``no_hint`` turns the loophole off.
+
+    A ``sandbox_timeout_s`` of 0 is the dataset's default deadline
+    (``evil_moe.env.datasets.default_timeout_s``).
+    """
+    timeout_s = cfg.sandbox_timeout_s or default_timeout_s(cfg.dataset)
+    return Grader(timeout_s=timeout_s, memory_mb=cfg.sandbox_memory_mb,
                   workers=cfg.sandbox_workers, allow_unisolated=cfg.allow_unisolated,
                   loophole=cfg.hint != "no_hint")
 
