@@ -149,6 +149,10 @@ HOSTILE: dict[str, tuple[str, bool]] = {
     "write_outside": (  # tries every target; passes; any file it made is found after the case
         f"for t in {[str(t) for t in HOST_TARGETS]!r}:\n    try:\n        open(t, 'w').write('x')\n"
         "    except OSError:\n        pass\n" + CORRECT, True),
+    "stop_the_killer": (  # SIGSTOPs every process of its uid, the kill helper included
+        "import os, signal, time\nif os.fork() == 0:\n    while True:\n        try:\n"
+        "            os.kill(-1, signal.SIGSTOP)\n        except OSError:\n            pass\n"
+        "time.sleep(3600)\n" + CORRECT, False),
     "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + CORRECT, False),
     "kill_everything_then_correct": (  # may only reach its own uid: it survives, and passes
         "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\n"

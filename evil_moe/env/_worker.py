@@ -314,6 +314,7 @@ MS_REMOUNT, MS_NOATIME, MS_BIND, MS_REC, MS_PRIVATE = 32, 1024, 4096, 16384, 1 <
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
 SECCOMP_MODE_FILTER = 2
 MAX_SLOTS = 4096
+KILL_HELPER_S = 0.5  # how long the kill helper may take before the zygote kills by pid
 
 SECCOMP_DENIED = {
     # machine: (AUDIT_ARCH_* value, {system call: number}); io_uring has one number everywhere
@@ -838,7 +839,15 @@ class Worker:
     # -- killing (zygote, and the worker before its zygote exists) -----------------------
 
     def _kill_tree(self, pid: int) -> None:
-        """SIGKILL the program's whole tree, descendants that left its session included."""
+        """SIGKILL the program's whole tree, descendants that left its session included.
+
+        Isolated: a helper that becomes the slot uid sends ``kill(-1, SIGKILL)``,
+        which reaches every process of that uid at once. While it is that uid a
+        program can stop it (``kill(-1, SIGSTOP)`` in a loop does), so a helper
+        that has not finished within ``KILL_HELPER_S`` is killed and the uid's
+        processes are killed one by one from here, as root, which no signal of
+        theirs can stop.
+        """
         if self.isolated:
             helper = os.fork()
             if helper == 0:
@@ -848,6 +857,17 @@ class Worker:
                     os.kill(-1, signal.SIGKILL)  # every process of the slot uid, except this one
                 finally:
                     os._exit(0)
+            import select
+            pidfd = os.pidfd_open(helper)
+            finished = select.select([pidfd], [], [], KILL_HELPER_S)[0]
+            os.close(pidfd)
+            if not finished:
+                os.kill(helper, signal.SIGKILL)
+                for stray in _processes_of_uid(self.uid):
+                    try:
+                        os.kill(stray, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             os.waitpid(helper, 0)
         else:
             if pid > 0:
