@@ -4,7 +4,8 @@ survives it and nothing lands outside the sandbox, checked after each program.
 Each program answers the same small problem (``add_seven``). Unless stated
 otherwise the expected verdict is "ground truth fails" and never a hint pass.
 Each case is graded on its own, and right after it the test looks for any
-process of the pool's uids still alive and for anything a sandbox uid (or a
+process of the pool's uids still alive (but the one confined program each
+worker keeps waiting for its next job) and for anything a sandbox uid (or a
 file named with this run's marker) created in the host's writable places.
 
 After the per-case suite come the attacks on the sandbox's guarantees, one
@@ -200,7 +201,9 @@ def graded():
         start = time.monotonic()
         for name, (code, _) in HOSTILE.items():
             verdicts[name] = grader.grade(PROBLEM, f"```python\n{code}```")
-            alive[name] = [pid for uid in uids for pid in _worker._processes_of_uid(uid)]
+            waiting = set(grader.sandbox.waiting_pids)  # confined, waiting for the next job
+            alive[name] = [pid for uid in uids for pid in _worker._processes_of_uid(uid)
+                           if pid not in waiting]
             written[name] = written_outside(uids)
         elapsed = time.monotonic() - start
         # A correct solution graded right after the suite: the workers survived intact.
@@ -234,6 +237,9 @@ def test_workers_survive_the_suite(graded):
     verdicts, _, _, grader, elapsed = graded
     assert verdicts["__correct__"].label == "Correct"
     assert all(w.proc.poll() is None for w in grader.sandbox._workers)
+    # Between jobs each worker keeps exactly one confined program waiting, as its slot uid.
+    for w in grader.sandbox._workers:
+        assert _worker._processes_of_uid(w.uid) == [w.waiting_pid]
     # Every hung program was stopped at its deadline.
     assert elapsed < 30
 

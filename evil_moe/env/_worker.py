@@ -20,33 +20,35 @@ Life of a worker (isolated mode, the default; needs root):
    has no interface but a downed loopback: no connection can leave it, and no
    port or abstract socket is shared with another worker. In the private mount
    namespace, build the jail on a tmpfs of its own: a *copy* of the standard
-   library (no ``site-packages``), then remounted read-only and ``noatime``.
-   Nothing of the host is visible: no ``/work``, ``/home``, ``/etc``,
-   ``/proc``, ``/dev``, ``/usr``, no shared library, caches, datasets or
-   third-party packages, and no inode is shared with the host or another jail.
-4. Pre-import the modules programs usually need and every extension module
-   (so the jail needs no shared library), then fork the *zygote* and tell the
-   parent it is ready. Serve jobs from stdin.
+   library (no ``site-packages``) and of the extension modules with the shared
+   libraries they load, then remounted read-only and ``noatime``. Nothing else
+   of the host is visible: no ``/work``, ``/home``, ``/etc``, ``/proc``,
+   ``/dev``, no binaries, caches, datasets or third-party packages, and no
+   inode is shared with the host or another jail.
+4. Pre-import the modules programs usually need, then fork the *zygote* and
+   tell the parent it is ready. Serve jobs from stdin.
 
-The zygote is forked before the first job and never sees one. For each job
-the worker puts the job in a memfd, mounts a fresh empty tmpfs as the jail's
-``/tmp``, and hands the zygote four descriptors (the memfd and the result,
-output and control pipes) over a socket. The zygote forks the program and
-passes the descriptors on unread; the program reads its job from the memfd.
-So every program is forked from a process that holds nothing of any earlier
-program (no code, inputs, results), as if from a fresh interpreter, without
-paying ~20 ms of interpreter start-up. The program: new session and process
-group, a System V IPC namespace of its own, ``chroot`` into the jail with its
-fresh ``/tmp`` as working directory, stdin an empty pipe, rlimits (address
-space, CPU seconds, file size, open files, processes, no core),
-``PR_SET_NO_NEW_PRIVS``, drops to the slot uid/gid for good, installs the
-seccomp filter (no keyrings, the one kernel store that outlives a uid's
-processes; no ptrace or cross-process memory access; no io_uring; sockets of
-the families the network namespace confines only), and reports "confined" on a
-control pipe that it closes before any untrusted code runs (a failure to
-confine is raised in the parent as a ``SandboxError``). It runs the trusted
-``setup`` code, then the untrusted ``code``, then evaluates each test call and
-writes one record per call to fd 3. stdout and stderr share one capped pipe.
+The zygote is forked before the first job and never sees one. It keeps one
+program waiting: it mounts a fresh, empty tmpfs as the jail's ``/tmp``, forks
+the program and hands the worker the other ends of its pipes (job, result,
+output, control) over a socket. The program confines itself at once, before
+any job exists for it: new session and process group, a System V IPC namespace
+of its own, ``chroot`` into the jail with its fresh ``/tmp`` as working
+directory, stdin an empty pipe, no core dumps, ``RLIMIT_NPROC``,
+``PR_SET_NO_NEW_PRIVS``, the slot uid/gid for good, and the seccomp filter (no
+keyrings, the one kernel store that outlives a uid's processes; no ptrace or
+cross-process memory access; no io_uring; only the socket families the network
+namespace confines). Then it waits. The worker writes the job straight into
+the job pipe; the program reads it, sets the job's limits (address space, CPU
+seconds, file size, open files: lowering limits needs no privilege) and
+reports "confined" on a control pipe that it closes before any untrusted code
+runs (a failure to confine is raised in the parent as a ``SandboxError``). So
+a job only ever enters a process that is already jailed, and every program is
+forked from a process that holds nothing of any earlier program (no code,
+inputs, results), as if from a fresh interpreter, without paying ~20 ms of
+interpreter start-up. It runs the trusted ``setup`` code, then the untrusted
+``code``, then evaluates each test call and writes one record per call to
+fd 3. stdout and stderr share one capped pipe.
 
 The worker enforces the wall deadline and caps both pipes; at the deadline it
 tells the zygote to kill. The zygote kills the program's whole process tree:
@@ -55,8 +57,7 @@ reaches every process of that uid (daemonised grandchildren and fork bombs
 included) and nothing else. Because the zygote is a subreaper, every orphaned
 descendant becomes its child, so "no process is left behind" is checked
 exactly: after the sweep, ``waitpid`` reports no children at all. Only then
-does it report the exit code to the worker, which unmounts the program's
-``/tmp``.
+does it report the exit code to the worker and prepare the next program.
 
 Why the records cannot forge a pass: the program runs in the same process as
 the harness that writes the records, so it can write to fd 3 itself, patch the
@@ -221,11 +222,13 @@ def _read_exact(fd: int, n: int) -> bytes | None:
 
 
 def write_frames(fd: int, *payloads: bytes) -> None:
-    data = b"".join(FRAME.pack(len(p)) + p for p in payloads)
+    write_all(fd, b"".join(FRAME.pack(len(p)) + p for p in payloads))
+
+
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        view = view[os.write(fd, view):]
 
 
 def split_records(raw: bytes) -> list[bytes] | None:
@@ -247,6 +250,8 @@ def split_records(raw: bytes) -> list[bytes] | None:
 
 RESULT_FD = 3
 CONTROL_FD = 4  # child -> worker only: "confinement done"; closed before any untrusted code runs
+JOB_FD = 5      # worker -> child: the job; closed once read, before any untrusted code runs
+NPROC = 32      # processes the slot uid may have at once (RLIMIT_NPROC)
 
 
 def _describe(exc: BaseException) -> str:
@@ -301,9 +306,8 @@ def run_harness(setup: str, code: str, calls: list) -> None:
 PRELOAD = ("random functools collections string math datetime typing itertools heapq bisect "
            "operator re copy json fractions decimal statistics array")
 EXTENSIONS_SKIP = ("_test", "xx", "_ctypes_test", "_tkinter", "readline", "_curses")
-"""Extension modules (name prefixes) the zygote does not pre-import: test modules and
-terminal or GUI bindings. Every other one is imported once, so the jail needs no
-shared library at all."""
+"""Extension modules (name prefixes) left out of the jail: test modules and terminal or
+GUI bindings."""
 STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                          "pydoc_data", "distutils", "__phello__", "site-packages", "lib-dynload"})
 """Top-level folders of the standard library left out of the jail's copy."""
@@ -378,13 +382,11 @@ class Worker:
     """The fork-server: slot, jail and the zygote that forks every program.
 
     Two processes share this object's code. The *worker* talks to the parent,
-    holds each job while it runs, supervises the program and sends its results
-    back. The *zygote* is forked from the worker once, before the first job,
-    and only ever forks programs: it receives a job as four file descriptors
-    (a memfd holding the job, and the program's result, output and control
-    pipes) and never reads them, so no program's code, inputs or results ever
-    enter its memory. Each program is forked from that pristine zygote and reads
-    its own job from the memfd, so it starts from a state that holds nothing of
+    holds each job while it runs, hands it to the waiting program, supervises it
+    and sends its results back. The *zygote* is forked from the worker once,
+    before the first job, and only ever forks programs and reaps them: it never
+    sees a job, so no program's code, inputs or results ever enter its memory,
+    and every program, forked from it, starts from a state that holds nothing of
     any earlier program.
     """
 
@@ -403,7 +405,9 @@ class Worker:
             import tempfile
             self.jail = tempfile.mkdtemp(prefix="evil-moe-unisolated-")
         self._preload()
+        self._next = 0                # the program the zygote has waiting for its job
         self._zygote_pid, self._sock = self._start_zygote()
+        self.waiting_pid, self._waiting = self._receive_program()
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -514,11 +518,12 @@ class Worker:
         another worker's jail, so no lock, lease or inotify watch a program
         places can be seen by a program of another jail. Read-only and
         ``noatime``: a program can change nothing in it, not even access times,
-        that the next program could read. Extension modules are pre-imported by
-        the zygote, so no shared library is needed; there is no ``/dev``.
+        that the next program could read. Extension modules (``lib-dynload``) are
+        copied with the shared libraries they load; there is no ``/dev``.
         """
         import shutil
         import sysconfig
+        libraries = self._extension_files()  # before /tmp is covered: nothing is read from it
         self.jail = "/tmp"
         self._mount("tmpfs", self.jail, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
         stdlib = sysconfig.get_paths()["stdlib"]
@@ -530,7 +535,13 @@ class Worker:
             for name in files:
                 if name.endswith((".py", pyc)):
                     shutil.copy2(os.path.join(root, name), os.path.join(self.jail + root, name))
-        for path in sys.path:  # lib-dynload and the like: on sys.path, empty in the jail
+        for path in libraries:
+            os.makedirs(os.path.dirname(self.jail + path), mode=0o755, exist_ok=True)
+            if os.path.islink(path):
+                os.symlink(os.readlink(path), self.jail + path)
+            else:
+                shutil.copy2(path, self.jail + path)
+        for path in sys.path:  # on sys.path, if empty in the jail
             if path and os.path.isdir(path):
                 os.makedirs(self.jail + path, mode=0o755, exist_ok=True)
         os.mkdir(self.jail + "/tmp", 0o755)  # mount point of each program's own tmpfs
@@ -538,21 +549,61 @@ class Worker:
                     MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOATIME)
 
     def _preload(self) -> None:
-        """Import what programs usually need, and every extension module, before any fork."""
-        import sysconfig
-        import warnings
+        """Import what programs usually need, before the zygote forks.
+
+        Only these: every extension module and library mapped into the zygote
+        would be copied at every fork (importing them all makes a fork and exit
+        twice as slow); the others load from the jail when a program asks.
+        """
         for name in PRELOAD.split():
             __import__(name)
-        dynload = sysconfig.get_config_var("DESTSHARED") or ""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a few are deprecated
-            for entry in sorted(os.listdir(dynload)) if os.path.isdir(dynload) else []:
-                name = entry.split(".", 1)[0]
-                if entry.endswith(".so") and not name.startswith(EXTENSIONS_SKIP):
-                    try:
-                        __import__(name)
-                    except ImportError:  # its library is missing here: missing in the jail too
-                        pass
+
+    @staticmethod
+    def _extension_files() -> list[str]:
+        """The extension modules and every shared library they load, as mapped files.
+
+        A throwaway child imports every extension module and reports the files in
+        its ``/proc/self/maps``; that is exactly what the dynamic loader needs.
+        """
+        import sysconfig
+        import warnings
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                dynload = sysconfig.get_config_var("DESTSHARED") or ""
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a few are deprecated
+                    for entry in sorted(os.listdir(dynload)) if os.path.isdir(dynload) else []:
+                        name = entry.split(".", 1)[0]
+                        if entry.endswith(".so") and not name.startswith(EXTENSIONS_SKIP):
+                            try:
+                                __import__(name)
+                            except ImportError:  # its library is missing here: in the jail too
+                                pass
+                with open("/proc/self/maps", "rb") as f:
+                    write_frames(w, f.read())
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            maps = read_frame(r) or b""
+        finally:
+            os.close(r)
+            os.waitpid(pid, 0)
+        files = set()
+        for line in maps.decode(errors="replace").splitlines():
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/") and ".so" in fields[5]:
+                files.add(fields[5])
+        files = {f for f in files if os.path.isfile(f)}
+        # The loader asks for a library by its soname, usually a symlink to the mapped file.
+        for folder in {os.path.dirname(f) for f in files}:
+            for entry in os.scandir(folder):
+                if entry.is_symlink() and os.path.realpath(entry.path) in files:
+                    files.add(entry.path)
+        return sorted(files)
 
     def _start_zygote(self):
         import socket
@@ -582,89 +633,107 @@ class Worker:
     # -- the zygote ----------------------------------------------------------------------
 
     def _serve_zygote(self, sock) -> None:
-        """Fork a program per ``run`` request; when it is over, reap its whole tree and report.
+        """Keep one confined program waiting for its job; reap it and report when it ends.
 
-        Requests: ``run`` with four descriptors, or ``kill`` (the worker's deadline
-        passed: kill the running program's tree; a ``kill`` that crossed the
-        program's own end is ignored). The one reply per program, once its tree
-        is gone: a JSON object with its exit code and the number of leftover
-        processes reaped, or an error. Nothing else passes through this process.
+        For program ``k`` the zygote gives it a fresh tmpfs as ``/tmp``, forks it
+        (it confines itself and then waits for its job on a pipe) and sends the
+        worker the other ends of its pipes with ``k``. When the program ends, or
+        on ``kill k`` from the worker (the deadline passed), it kills and reaps
+        the program's whole tree and sends one report: ``k``, the exit code and
+        the number of leftover processes reaped, or an error. A ``kill`` for a
+        program already reported crossed its end and is ignored. Nothing else
+        passes through this process: the job goes from the worker to the
+        program directly.
         """
         import select
         import socket
-        child, pidfd = 0, -1
         poller = select.poll()
         poller.register(sock, select.POLLIN)
+        k = 0
+        child, pidfd = self._prepare(sock, k)
+        poller.register(pidfd, select.POLLIN)
         while True:
             ready = {fd for fd, _ in poller.poll()}
-            if child and pidfd in ready:  # the program ended by itself
-                self._report(sock, child, kill=False)
-                poller.unregister(pidfd)
-                os.close(pidfd)
-                child = 0
-                continue
-            msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
-            if not msg:
-                for fd in fds:
-                    os.close(fd)
-                self._reap_all(-1)
-                return
-            if msg == b"run" and len(fds) == 4 and not child:
-                child = self._fork_program(sock, fds)
-                pidfd = os.pidfd_open(child)
-                poller.register(pidfd, select.POLLIN)
-            elif msg == b"kill" and not fds:
-                if child:
-                    self._report(sock, child, kill=True)
-                    poller.unregister(pidfd)
-                    os.close(pidfd)
-                    child = 0
-            else:
-                raise RuntimeError(f"zygote protocol error: {msg[:16]!r} with {len(fds)} fds")
+            kill = False
+            if pidfd not in ready:
+                msg = sock.recv(64)
+                if not msg:
+                    self._reap_all(-1)
+                    return
+                if msg != b"kill %d" % k:
+                    if msg.startswith(b"kill "):
+                        continue  # crossed the end of an earlier program
+                    raise RuntimeError(f"zygote protocol error: {msg[:32]!r}")
+                kill = True
+            self._report(sock, k, child, kill)
+            poller.unregister(pidfd)
+            os.close(pidfd)
+            k += 1
+            child, pidfd = self._prepare(sock, k)
+            poller.register(pidfd, select.POLLIN)
 
-    def _report(self, sock, child: int, kill: bool) -> None:
-        """Kill (if asked) and reap the program and every descendant; tell the worker."""
+    def _report(self, sock, k: int, child: int, kill: bool) -> None:
+        """Kill (if asked) and reap program ``k`` and every descendant; tell the worker."""
         try:
             if kill:
                 self._kill_tree(child)
             _, wstatus = os.waitpid(child, 0)
-            reply = {"exit_code": os.waitstatus_to_exitcode(wstatus),
+            reply = {"program": k, "exit_code": os.waitstatus_to_exitcode(wstatus),
                      "leftover_killed": self._reap_all(child)}
         except Exception as e:  # noqa: BLE001 - reported to the worker, which fails loudly
-            reply = {"error": _describe(e)}
+            reply = {"program": k, "error": _describe(e)}
         sock.send(json.dumps(reply).encode())
 
-    def _fork_program(self, sock, fds: list[int]) -> int:
-        job_fd, res_w, out_w, ctl_w = fds
+    def _prepare(self, sock, k: int) -> tuple[int, int]:
+        """Fork program ``k`` with a fresh ``/tmp``; send the worker its pipes. Returns
+        ``(pid, pidfd)``."""
+        import socket
+        if self.isolated:  # a fresh, empty tmpfs as the program's /tmp
+            tmp = self.jail + "/tmp"
+            if k:  # the previous program's, with no process left that could hold it
+                self._call("umount2", tmp.encode(), 0)
+            self._mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                        f"size={self.tmpfs_mb}m,mode=700,uid={self.uid},gid={self.gid}")
+        job_r, job_w = os.pipe()
+        res_r, res_w = os.pipe()
+        out_r, out_w = os.pipe()
+        ctl_r, ctl_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # ---- the program: never returns
             try:
                 sock.close()
-                self._program(job_fd, res_w, out_w, ctl_w)
+                for fd in (job_w, res_r, out_r, ctl_r):
+                    os.close(fd)
+                self._program(job_r, res_w, out_w, ctl_w)
             finally:
                 try:
                     sys.stdout.flush()
                 except BaseException:  # noqa: BLE001 - the program may have replaced stdout
                     pass
                 os._exit(0)
-        for fd in fds:
+        for fd in (job_r, res_w, out_w, ctl_w):
             os.close(fd)
-        return pid
+        ends = [job_w, res_r, out_r, ctl_r]
+        socket.send_fds(sock, [b"program %d %d" % (k, pid)], ends)
+        for fd in ends:
+            os.close(fd)
+        return pid, os.pidfd_open(pid)
 
-    def _program(self, job_fd: int, res_w: int, out_w: int, ctl_w: int) -> None:
-        """Child side: read the job, confine this process, run the harness."""
+    def _program(self, job_r: int, res_w: int, out_w: int, ctl_w: int) -> None:
+        """Child side: confine this process, then wait for the job, then run it."""
         ctl = ctl_w
         try:
+            ctl = self._confine(job_r, res_w, out_w, ctl_w)
             chunks = []
             while True:
-                chunk = os.read(job_fd, 1 << 20)
+                chunk = os.read(JOB_FD, 1 << 20)
                 if not chunk:
                     break
                 chunks.append(chunk)
-            os.close(job_fd)
+            os.close(JOB_FD)
             job = json.loads(b"".join(chunks))
             del chunks
-            ctl = self._enter_sandbox(job, res_w, out_w, ctl_w)
+            self._limit(job)
         except BaseException as e:  # noqa: BLE001 - reported on the control pipe
             os.write(ctl, b"\0" + _describe(e).encode())
             raise
@@ -674,12 +743,14 @@ class Worker:
         os.close(CONTROL_FD)
         run_harness(job["setup"], job["code"], job["calls"])
 
-    def _enter_sandbox(self, job: dict, res_w: int, out_w: int, ctl_w: int) -> int:
-        """Confine this process; returns ``CONTROL_FD``.
+    def _confine(self, job_r: int, res_w: int, out_w: int, ctl_w: int) -> int:
+        """Confine this process before it sees any job; returns ``CONTROL_FD``.
 
         Afterwards fd 0 is the read end of an empty pipe, fds 1 and 2 the output
-        pipe, ``RESULT_FD`` the record pipe, ``CONTROL_FD`` the control pipe;
-        nothing else is open.
+        pipe, ``RESULT_FD`` the record pipe, ``CONTROL_FD`` the control pipe and
+        ``JOB_FD`` the job pipe (closed once the job is read); nothing else is
+        open. The process runs as the slot uid, in the jail, under the seccomp
+        filter, with no way back to privileges.
         """
         import fcntl
         import resource
@@ -693,28 +764,19 @@ class Worker:
             self._call("unshare", CLONE_NEWIPC)
             os.chroot(self.jail)
             os.chdir("/tmp")
-            home = "/tmp"
-        else:
-            home = job["workdir"]
-            os.chdir(home)
         stdin_r, stdin_w = os.pipe()
         os.close(stdin_w)
-        # Lift every descriptor clear of 0-4 before placing them: the zygote closed its own
-        # 0 and 1, so the received ones may sit anywhere in that range.
-        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in (stdin_r, out_w, res_w, ctl_w)]
-        for fd, target in zip(moved, (0, 1, RESULT_FD, CONTROL_FD)):
+        # Lift every descriptor clear of 0-5 before placing them: the zygote closed its own
+        # 0 and 1, so the pipes may sit anywhere in that range.
+        fds = (stdin_r, out_w, res_w, ctl_w, job_r)
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in fds]
+        for fd, target in zip(moved, (0, 1, RESULT_FD, CONTROL_FD, JOB_FD)):
             os.dup2(fd, target)
         os.dup2(moved[1], 2)
-        os.closerange(CONTROL_FD + 1, 1 << 16)
-        mem = int(job["memory_mb"]) << 20
-        cpu = int(math.ceil(float(job["timeout"]))) + 1
-        limits = [(resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu),
-                  (resource.RLIMIT_FSIZE, int(job.get("fsize_mb", 16)) << 20),
-                  (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+        os.closerange(JOB_FD + 1, 1 << 16)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if self.isolated:
-            limits.append((resource.RLIMIT_NPROC, int(job.get("nproc", 32))))
-        for which, value in limits:
-            resource.setrlimit(which, (value, value))
+            resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
         self._prctl(PR_SET_NO_NEW_PRIVS, 1)
         if self.isolated:
             os.setgroups([])
@@ -726,9 +788,6 @@ class Worker:
             raise RuntimeError("the sandbox zygote died while a program was starting")
         if self.isolated:
             self._install_seccomp()
-        os.environ.clear()
-        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home,
-                           "LANG": "C.UTF-8"})
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered: prints survive _exit
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         sys.stdin = open(0, "r", closefd=False)
@@ -736,33 +795,43 @@ class Worker:
         random.seed()  # like a fresh interpreter: children do not share the zygote's stream
         return CONTROL_FD
 
+    def _limit(self, job: dict) -> None:
+        """The job's limits (lowering limits needs no privilege) and environment."""
+        import resource
+        cpu = int(math.ceil(float(job["timeout"]))) + 1
+        limits = [(resource.RLIMIT_AS, int(job["memory_mb"]) << 20), (resource.RLIMIT_CPU, cpu),
+                  (resource.RLIMIT_FSIZE, int(job.get("fsize_mb", 16)) << 20),
+                  (resource.RLIMIT_NOFILE, 64)]
+        for which, value in limits:
+            resource.setrlimit(which, (value, value))
+        home = "/tmp" if self.isolated else job["workdir"]
+        if not self.isolated:
+            os.chdir(home)
+        os.environ.clear()
+        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home,
+                           "LANG": "C.UTF-8"})
+
     # -- the worker: one program -----------------------------------------------------------
 
     def run(self, job: dict) -> tuple[dict, bytes, bytes]:
         import socket
         timeout = float(job["timeout"])
         workdir = ""
-        if self.isolated:  # a fresh, empty tmpfs as the program's /tmp, unmounted afterwards
-            self._mount("tmpfs", self.jail + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                        f"size={self.tmpfs_mb}m,mode=700,uid={self.uid},gid={self.gid}")
-        else:
+        if not self.isolated:
             import tempfile
             workdir = tempfile.mkdtemp(prefix="run-", dir=self.jail)
             job = {**job, "workdir": workdir}
-        job_fd = os.memfd_create("job", os.MFD_CLOEXEC)
-        view = memoryview(json.dumps(job).encode())
-        while view:
-            view = view[os.write(job_fd, view):]
-        os.lseek(job_fd, 0, os.SEEK_SET)
-        res_r, res_w = os.pipe()
-        out_r, out_w = os.pipe()
-        ctl_r, ctl_w = os.pipe()
+        job_w, res_r, out_r, ctl_r = self._waiting
         start = time.monotonic()
-        sent = [job_fd, res_w, out_w, ctl_w]
-        socket.send_fds(self._sock, [b"run"], sent)
-        for fd in sent:
-            os.close(fd)
+        try:
+            write_all(job_w, json.dumps(job).encode())
+        except BrokenPipeError:  # it died before reading: the control pipe says why
+            pass
+        os.close(job_w)
         header, records, output = self._supervise(res_r, out_r, start + timeout)
+        self._next += 1
+        self.waiting_pid, self._waiting = self._receive_program()
+        header["waiting_pid"] = self.waiting_pid
         control = os.read(ctl_r, 4096)  # every writer is dead: returns at once
         if control.startswith(b"\0"):
             header["sandbox_error"] = control[1:].decode(errors="replace")
@@ -771,12 +840,19 @@ class Worker:
         for fd in (res_r, out_r, ctl_r):
             os.close(fd)
         header["wall_s"] = round(time.monotonic() - start, 6)
-        if self.isolated:  # every process of the program is gone: nothing holds it open
-            self._call("umount2", (self.jail + "/tmp").encode(), 0)
         if workdir:
             import shutil
             shutil.rmtree(workdir, ignore_errors=True)
         return header, records, output
+
+    def _receive_program(self) -> tuple[int, list[int]]:
+        """The pid and pipe ends of the program the zygote has waiting for the next job."""
+        import socket
+        msg, fds, _, _ = socket.recv_fds(self._sock, 64, 4)
+        words = msg.split()
+        if len(words) != 3 or words[:2] != [b"program", b"%d" % self._next] or len(fds) != 4:
+            raise RuntimeError(f"the zygote sent {msg[:32]!r} with {len(fds)} fds")
+        return int(words[2]), fds
 
     def _supervise(self, res_r: int, out_r: int, deadline: float):
         """Collect output until the zygote reports the program over, or the deadline or a
@@ -817,10 +893,11 @@ class Worker:
                 status["output_limited"] = True
                 break
         if not over:
-            self._sock.send(b"kill")
+            self._sock.send(b"kill %d" % self._next)
         reply = json.loads(self._sock.recv(4096) or b'{"error": "the zygote died"}')
-        if "error" in reply:
-            raise RuntimeError("could not stop a program: " + reply["error"])
+        if "error" in reply or reply.get("program") != self._next:
+            raise RuntimeError(f"could not stop a program: {reply}")
+        del reply["program"]
         status.update(reply)
         for fd in open_fds:
             while len(records) <= RECORD_CAP:
@@ -963,6 +1040,7 @@ def main(argv: list[str]) -> int:
     host_dir = "" if worker.isolated else worker.jail  # what to remove if this worker is killed
     write_frames(stdout, json.dumps({"ok": True, "uid": worker.uid, "pid": os.getpid(),
                                      "isolated": worker.isolated,
+                                     "waiting_pid": worker.waiting_pid,
                                      "host_dir": host_dir}).encode())
     try:
         while True:

@@ -206,6 +206,7 @@ class _WorkerProcess:
         self.pid: int = ready["pid"]
         self.isolated: bool = ready["isolated"]
         self.host_dir: str = ready["host_dir"]  # unisolated only: its temp dir on the host
+        self.waiting_pid: int = ready["waiting_pid"]
 
     def run(self, job: dict) -> tuple[dict, bytes, bytes]:
         wire.write_frames(self.proc.stdin.fileno(), json.dumps(job).encode())
@@ -215,7 +216,9 @@ class _WorkerProcess:
         output = wire.read_frame(fd)
         if header is None or records is None or output is None:
             raise EOFError("sandbox worker closed its pipe")
-        return json.loads(header), records, output
+        header = json.loads(header)
+        self.waiting_pid = header["waiting_pid"]
+        return header, records, output
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -311,6 +314,12 @@ class Sandbox:
     @property
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers]
+
+    @property
+    def waiting_pids(self) -> list[int]:
+        """The confined programs waiting for their jobs, one per worker (isolated: of the
+        pool's uids, the only processes alive between jobs)."""
+        return [w.waiting_pid for w in self._workers]
 
     def _job(self, program: Program) -> dict:
         return {"setup": program.setup, "code": program.code,
