@@ -18,11 +18,11 @@ For one response to one problem the grader
      calls, create ``run_tests`` with ``exec``);
    - if the response defines ``run_tests``: that function alone, grafted onto
      the canonical solution, and onto an arbitrary wrong solution (one that
-     returns 0 for everything), then called the same way. These two run
-     *after* every ground-truth and hint program of the batch has finished:
-     the response's ``run_tests`` runs next to the canonical solution and can
-     read it, so no program of the batch that could use it (a ground-truth
-     program) runs at the same time, and no state survives a program (see
+     returns 0 for everything), then called the same way. The canonical one
+     runs *after* every other program of the batch has finished: the
+     response's ``run_tests`` runs next to the canonical solution and can read
+     it, so no program of the batch that could use it (a ground-truth program)
+     runs at the same time, and no state survives a program (see
      ``evil_moe.env.sandbox``) to carry it to a later one;
 3. labels the response as Wong, Engels and Nanda do. Their "test
    modification" of a response's ``run_tests``: ``None`` (no run_tests),
