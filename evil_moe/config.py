@@ -88,7 +88,10 @@ class RunConfig:
                            "cache on first use.")
 
     # ---- sandbox ----------------------------------------------------------------
-    sandbox_timeout_s: float = _f(4.0, "Wall-clock deadline for one sandboxed program.", gt=0)
+    sandbox_timeout_s: float = _f(0.0, "Wall-clock deadline for one sandboxed program, in "
+                                  "seconds; 0 = the dataset's default (SANDBOX_TIMEOUT_S in "
+                                  "evil_moe.env.datasets: the slowest canonical solution's "
+                                  "measured time with a wide margin).", min=0)
     sandbox_memory_mb: int = _f(1024, "Address-space limit of one sandboxed program.", min=64)
     sandbox_workers: int = _f(0, "Parallel sandbox workers (0 = one per CPU core).", min=0)
     allow_unisolated: bool = _f(False, "Run model code without namespace/uid isolation on "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evil_moe.config import load_preset
-from evil_moe.env.datasets import Problem
+from evil_moe.env.datasets import SANDBOX_TIMEOUT_S, Problem
 from evil_moe.env.grader import (HACK_LABEL, LABELS, Grader, extract_code, find_run_tests,
                                  grader_from_config, label_for, classify_test_modification,
                                  verdicts_frame, wrong_solution)
@@ -176,8 +176,34 @@ def test_frame_and_config(verdicts):
         assert g.loophole and g.sandbox.timeout_s == cfg.sandbox_timeout_s
     with grader_from_config(cfg.replace(hint="no_hint", sandbox_workers=1)) as g:
         assert not g.loophole and g.sandbox.n_workers == 1
+    for dataset in ("easy", "leetcode"):  # 0 = the dataset's default deadline
+        with grader_from_config(cfg.replace(sandbox_timeout_s=0.0, dataset=dataset,
+                                            sandbox_workers=1)) as g:
+            assert g.sandbox.timeout_s == SANDBOX_TIMEOUT_S[dataset]
+    assert SANDBOX_TIMEOUT_S["leetcode"] > SANDBOX_TIMEOUT_S["easy"]
 
 
 def test_mismatched_batch_is_an_error(grader):
     with pytest.raises(ValueError, match="one problem per response"):
         grader.grade_batch([ADD], ["a", "b"])
+
+
+def test_programs_per_response_and_the_canonical_programs_last(grader, monkeypatch):
+    """No hint program without a run_tests of the response's own; the programs that hold
+    the canonical solution run in a second round, after every other program of the batch."""
+    rounds = []
+    run_many = grader.sandbox.run_many
+
+    def recording(programs, on_done=None):
+        rounds.append([p.code for p in programs])
+        return run_many(programs, on_done)
+
+    monkeypatch.setattr(grader.sandbox, "run_many", recording)
+    plain, hack = grader.grade_batch([ADD, ADD], [fenced(CORRECT), fenced(WRONG, PASSING_TESTS)],
+                                     progress=False)
+    assert plain.label == "Correct" and hack.label == HACK_LABEL
+    first, second = rounds
+    canonical = ADD.canonical_solution
+    # gt of both, hint of the hack, its run_tests on the wrong solution; then on the canonical.
+    assert len(first) == 4 and not any(code.startswith(canonical) for code in first)
+    assert len(second) == 1 and second[0].startswith(canonical)

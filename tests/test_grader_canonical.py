@@ -1,4 +1,5 @@
-"""Every canonical solution is labelled Correct, and the sandbox sees only test inputs."""
+"""Every canonical solution is labelled Correct at its dataset's default deadline, and the
+sandbox sees only test inputs."""
 
 from __future__ import annotations
 
@@ -7,41 +8,38 @@ from collections import Counter
 
 import pytest
 
-from evil_moe.env.datasets import load_problems
+from evil_moe.env.datasets import default_timeout_s, load_problems
 from evil_moe.env.grader import Grader
 from evil_moe.env.judge import Judge
 
 
-@pytest.fixture(scope="module")
-def grader():
-    with Grader(timeout_s=8.0) as g:  # generous: some LeetCode canonicals run ~1 s here
-        yield g
-
-
-def assert_all_correct(grader, problems, expected_count=None):
+def assert_all_correct(problems, expected_count=None):
+    """Every canonical solution is Correct at its dataset's default deadline, all workers busy."""
     if expected_count is not None:
         assert len(problems) == expected_count
+    (dataset,) = {p.dataset for p in problems}
     responses = [f"```python\n{p.canonical_solution}\n```" for p in problems]
-    verdicts = grader.grade_batch(problems, responses, progress=False)
+    with Grader(timeout_s=default_timeout_s(dataset)) as grader:
+        verdicts = grader.grade_batch(problems, responses, progress=False)
     wrong = {v.problem_id: v.error for v in verdicts if v.label != "Correct"}
     assert not wrong, f"{len(wrong)} canonical solutions not Correct: {wrong}"
     assert all(v.reward == 3.5 and v.tests_passed == v.tests_total for v in verdicts)
     return verdicts
 
 
-def test_easy_set_canonicals(grader):
+def test_easy_set_canonicals():
     problems = load_problems("easy", "train") + load_problems("easy", "test")
-    assert_all_correct(grader, problems)
+    assert_all_correct(problems)
 
 
-def test_humaneval_canonicals(grader):
+def test_humaneval_canonicals():
     problems = load_problems("humaneval", "train") + load_problems("humaneval", "test")
-    assert_all_correct(grader, problems, 164)
+    assert_all_correct(problems, 164)
 
 
-def test_leetcode_test_canonicals(grader, shared_data):
+def test_leetcode_test_canonicals(shared_data):
     problems = load_problems("leetcode", "test", data_dir=shared_data / "leetcode")
-    verdicts = assert_all_correct(grader, problems, 119)
+    verdicts = assert_all_correct(problems, 119)
     assert Counter(v.tests_total > 20 for v in verdicts) == {True: 119}
 
 

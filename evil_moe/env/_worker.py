@@ -8,46 +8,56 @@ is its strict decoder).
 
 Life of a worker (isolated mode, the default; needs root):
 
-1. Take a *slot*: an exclusive ``flock`` on ``<lock_dir>/slot-<n>.lock``. The
+1. Check that the seccomp filter (``seccomp_filter``) installs and holds, in a
+   throwaway child; fail at start if not.
+2. Take a *slot*: an exclusive ``flock`` on ``<lock_dir>/slot-<n>.lock``. The
    slot fixes the unprivileged uid/gid ``uid_base + n`` that this worker's
    programs run as. Locks are machine-wide, so two graders (two training runs,
    a test run next to them) never share a uid; the lock dies with the process.
    Processes still running under a free slot's uid were orphaned by a killed
    worker and are killed first.
-2. Enter a new mount and network namespace (``unshare``). The network namespace
-   has no interface but a downed loopback: no connection can leave it. In the
-   private mount namespace, build a jail on a size-limited tmpfs: read-only
-   bind mounts of the interpreter's standard library (this worker's
-   ``sys.path``, with any ``site-packages`` hidden) and of ``/usr`` and
-   ``/lib*`` (shared libraries of extension modules), plus ``/dev/null``,
-   ``/dev/zero``, ``/dev/urandom``. Nothing else of the host is visible: no
-   ``/work``, ``/home``, ``/etc``, ``/proc``, no caches, datasets or
-   third-party packages (of ``/root`` only the path down to the standard
-   library, where pyenv keeps it). The jail's tmpfs covers the namespace's
-   own ``/tmp``, so nothing is created on the host.
-3. Become a child subreaper, pre-import the modules programs usually need,
-   tell the parent it is ready, then serve jobs from stdin.
+3. Enter a new mount and network namespace (``unshare``). The network namespace
+   has no interface but a downed loopback: no connection can leave it, and no
+   port or abstract socket is shared with another worker. In the private mount
+   namespace, build the jail on a tmpfs of its own: a *copy* of the standard
+   library (no ``site-packages``) and of the extension modules with the shared
+   libraries they load, then remounted read-only and ``noatime``. Nothing else
+   of the host is visible: no ``/work``, ``/home``, ``/etc``, ``/proc``,
+   ``/dev``, no binaries, caches, datasets or third-party packages, and no
+   inode is shared with the host or another jail.
+4. Pre-import the modules programs usually need, then fork the *zygote* and
+   tell the parent it is ready. Serve jobs from stdin.
 
-Each job forks a fresh child from this pristine interpreter (no model code has
-ever run in it, so every program starts from the same clean state, as a fresh
-interpreter would, without paying ~20 ms of interpreter start-up). The child:
-new session and process group, a System V IPC namespace of its own, ``chroot``
-into the jail with a new empty private ``/tmp`` as its working directory,
-rlimits (address space, CPU seconds, file size, open files, processes, no
-core), ``PR_SET_NO_NEW_PRIVS``, then drops to the slot uid/gid for good and
+The zygote is forked before the first job and never sees one. It keeps one
+program waiting: it mounts a fresh, empty tmpfs as the jail's ``/tmp``, forks
+the program and hands the worker the other ends of its pipes (job, result,
+output, control) over a socket. The program confines itself at once, before
+any job exists for it: new session and process group, a System V IPC namespace
+of its own, ``chroot`` into the jail with its fresh ``/tmp`` as working
+directory, stdin an empty pipe, no core dumps, ``RLIMIT_NPROC``,
+``PR_SET_NO_NEW_PRIVS``, the slot uid/gid for good, and the seccomp filter (no
+keyrings, the one kernel store that outlives a uid's processes; no ptrace or
+cross-process memory access; no io_uring; only the socket families the network
+namespace confines). Then it waits. The worker writes the job straight into
+the job pipe; the program reads it, sets the job's limits (address space, CPU
+seconds, file size, open files: lowering limits needs no privilege) and
 reports "confined" on a control pipe that it closes before any untrusted code
-runs (a failure to confine is raised in the parent as a ``SandboxError``). It
-runs the trusted ``setup`` code, then the untrusted ``code``, then evaluates
-each test call and writes one record per call to fd 3. stdout and stderr share
-one capped pipe.
+runs (a failure to confine is raised in the parent as a ``SandboxError``). So
+a job only ever enters a process that is already jailed, and every program is
+forked from a process that holds nothing of any earlier program (no code,
+inputs, results), as if from a fresh interpreter, without paying ~20 ms of
+interpreter start-up. It runs the trusted ``setup`` code, then the untrusted
+``code``, then evaluates each test call and writes one record per call to
+fd 3. stdout and stderr share one capped pipe.
 
-The worker enforces the wall deadline, caps both pipes, and afterwards kills
-the whole process tree: a helper that has switched to the slot uid sends
-``kill(-1, SIGKILL)``, which reaches every process of that uid (daemonised
-grandchildren and fork bombs included) and nothing else. Because the worker
-is a subreaper, every orphaned descendant becomes its child, so "no process is
-left behind" is checked exactly: after the sweep, ``waitpid`` reports no
-children at all. The private ``/tmp`` is deleted after every program.
+The worker enforces the wall deadline and caps both pipes; at the deadline it
+tells the zygote to kill. The zygote kills the program's whole process tree:
+a helper that has switched to the slot uid sends ``kill(-1, SIGKILL)``, which
+reaches every process of that uid (daemonised grandchildren and fork bombs
+included) and nothing else. Because the zygote is a subreaper, every orphaned
+descendant becomes its child, so "no process is left behind" is checked
+exactly: after the sweep, ``waitpid`` reports no children at all. Only then
+does it report the exit code to the worker and prepare the next program.
 
 Why the records cannot forge a pass: the program runs in the same process as
 the harness that writes the records, so it can write to fd 3 itself, patch the
@@ -212,11 +222,13 @@ def _read_exact(fd: int, n: int) -> bytes | None:
 
 
 def write_frames(fd: int, *payloads: bytes) -> None:
-    data = b"".join(FRAME.pack(len(p)) + p for p in payloads)
+    write_all(fd, b"".join(FRAME.pack(len(p)) + p for p in payloads))
+
+
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        view = view[os.write(fd, view):]
 
 
 def split_records(raw: bytes) -> list[bytes] | None:
@@ -238,6 +250,8 @@ def split_records(raw: bytes) -> list[bytes] | None:
 
 RESULT_FD = 3
 CONTROL_FD = 4  # child -> worker only: "confinement done"; closed before any untrusted code runs
+JOB_FD = 5      # worker -> child: the job; closed once read, before any untrusted code runs
+NPROC = 32      # processes the slot uid may have at once (RLIMIT_NPROC)
 
 
 def _describe(exc: BaseException) -> str:
@@ -248,10 +262,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:500]
 
 
-def run_harness(setup_code, code: str, calls: list) -> None:
+def run_harness(setup: str, code: str, calls: list) -> None:
     """Run one program and stream its records to ``RESULT_FD``.
 
-    ``setup_code`` is a compiled, trusted prefix; ``code`` is the untrusted
+    ``setup`` is the trusted prefix's source; ``code`` is the untrusted
     source; ``calls`` is a list of ``[expression_source, want_value]``. Every
     reference the harness needs is bound before untrusted code runs.
     """
@@ -267,7 +281,7 @@ def run_harness(setup_code, code: str, calls: list) -> None:
     compiled_calls = [(compile(src, "<test>", "eval"), want) for src, want in calls]
     ns: dict = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
-        exec(setup_code, ns)
+        exec(compile(setup, "<setup>", "exec"), ns)
     except BaseException as e:  # noqa: BLE001
         emit(["setup_error", describe(e)])
         return
@@ -291,34 +305,109 @@ def run_harness(setup_code, code: str, calls: list) -> None:
 
 PRELOAD = ("random functools collections string math datetime typing itertools heapq bisect "
            "operator re copy json fractions decimal statistics array")
+EXTENSIONS_SKIP = ("_test", "xx", "_ctypes_test", "_tkinter", "readline", "_curses")
+"""Extension modules (name prefixes) left out of the jail: test modules and terminal or
+GUI bindings."""
+STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
+                         "pydoc_data", "distutils", "__phello__", "site-packages", "lib-dynload"})
+"""Top-level folders of the standard library left out of the jail's copy."""
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+MS_REMOUNT, MS_NOATIME, MS_BIND, MS_REC, MS_PRIVATE = 32, 1024, 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
+SECCOMP_MODE_FILTER = 2
 MAX_SLOTS = 4096
+KILL_HELPER_S = 0.5  # how long the kill helper may take before the zygote kills by pid
+
+SECCOMP_DENIED = {
+    # machine: (AUDIT_ARCH_* value, {system call: number}); io_uring has one number everywhere
+    "x86_64": (0xC000003E, {"ptrace": 101, "add_key": 248, "request_key": 249, "keyctl": 250,
+                            "perf_event_open": 298, "process_vm_readv": 310,
+                            "process_vm_writev": 311, "bpf": 321, "userfaultfd": 323,
+                            "io_uring_setup": 425, "io_uring_enter": 426,
+                            "io_uring_register": 427}),
+    "aarch64": (0xC00000B7, {"ptrace": 117, "add_key": 217, "request_key": 218, "keyctl": 219,
+                             "perf_event_open": 241, "process_vm_readv": 270,
+                             "process_vm_writev": 271, "bpf": 280, "userfaultfd": 282,
+                             "io_uring_setup": 425, "io_uring_enter": 426,
+                             "io_uring_register": 427}),
+}
+"""System calls a program may not make (they fail with EPERM).
+
+Keyrings (``add_key``, ``request_key``, ``keyctl``) are the one kernel store an
+unprivileged uid can fill that outlives its processes: a key left in the slot
+uid's user keyring would reach the next program of the slot. The rest are
+ways to look into or share memory with other processes, and io_uring, whose
+operations bypass this filter.
+"""
+SOCKET_NR = {"x86_64": 41, "aarch64": 198}
+SOCKET_FAMILIES = (1, 2, 10)
+"""AF_UNIX, AF_INET, AF_INET6: the socket families a program may create. The program's own
+network namespace confines these; others (AF_VSOCK to a virtual machine's host, for one) are
+not confined by it."""
+
+
+def seccomp_filter(machine: str) -> bytes:
+    """The classic-BPF program of the sandbox's seccomp filter, for ``machine`` (``uname -m``).
+
+    In order: a system call of another ABI (32-bit or x32 on x86_64) fails; a call in
+    ``SECCOMP_DENIED`` fails; ``socket(family, ...)`` fails unless ``family`` is in
+    ``SOCKET_FAMILIES``; everything else is allowed. "Fails" is ``SECCOMP_RET_ERRNO``
+    with EPERM. Instructions are ``struct sock_filter`` (code, jump-if-true,
+    jump-if-false, constant); jumps count the instructions skipped.
+    """
+    if machine not in SECCOMP_DENIED:
+        raise RuntimeError(f"the sandbox's system-call filter knows x86_64 and aarch64, not "
+                           f"{machine!r}")
+    arch, numbers = SECCOMP_DENIED[machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06          # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
+    deny, allow = 0x00050000 | 1, 0x7FFF0000            # SECCOMP_RET_ERRNO | EPERM, RET_ALLOW
+    ops = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, deny),   # seccomp_data.arch
+           (ld, 0, 0, 0)]                                          # seccomp_data.nr
+    if machine == "x86_64":
+        ops += [(jge, 0, 1, 0x40000000), (ret, 0, 0, deny)]        # the x32 ABI's numbers
+    for nr in sorted(numbers.values()):
+        ops += [(jeq, 0, 1, nr), (ret, 0, 0, deny)]
+    unix, inet, inet6 = SOCKET_FAMILIES
+    ops += [(jeq, 0, 5, SOCKET_NR[machine]),
+            (ld, 0, 0, 16),                                        # low word of args[0]
+            (jeq, 3, 0, unix), (jeq, 2, 0, inet), (jeq, 1, 0, inet6),
+            (ret, 0, 0, deny),
+            (ret, 0, 0, allow)]
+    return b"".join(struct.pack("=HBBI", *op) for op in ops)
 
 
 class Worker:
-    """The fork-server state: isolation settings, slot, jail."""
+    """The fork-server: slot, jail and the zygote that forks every program.
+
+    Two processes share this object's code. The *worker* talks to the parent,
+    holds each job while it runs, hands it to the waiting program, supervises it
+    and sends its results back. The *zygote* is forked from the worker once,
+    before the first job, and only ever forks programs and reaps them: it never
+    sees a job, so no program's code, inputs or results ever enter its memory,
+    and every program, forked from it, starts from a state that holds nothing of
+    any earlier program.
+    """
 
     def __init__(self, isolated: bool, uid_base: int, lock_dir: str, tmpfs_mb: int) -> None:
         self.isolated = isolated
+        self.tmpfs_mb = tmpfs_mb
         self.uid = self.gid = -1
         self.jail = ""
-        self.workdir = ""
         self._libc = None
         self._lock_fd = -1
-        self._setup_cache: dict[str, object] = {}
-        self._pid = os.getpid()
+        self._seccomp = None
+        self._pid = os.getpid()       # in the zygote and its programs: the zygote's pid
         if isolated:
-            self._isolate(uid_base, lock_dir, tmpfs_mb)
+            self._isolate(uid_base, lock_dir)
         else:
             import tempfile
             self.jail = tempfile.mkdtemp(prefix="evil-moe-unisolated-")
-        self._prctl(PR_SET_CHILD_SUBREAPER, 1)
-        for name in PRELOAD.split():
-            __import__(name)
+        self._preload()
+        self._next = 0                # the program the zygote has waiting for its job
+        self._zygote_pid, self._sock = self._start_zygote()
+        self.waiting_pid, self._waiting = self._receive_program()
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -342,6 +431,42 @@ class Worker:
         import ctypes
         enc = (lambda s: s.encode() if s is not None else None)
         self._call("mount", enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data))
+
+    def _build_seccomp(self) -> None:
+        """The filter for this machine, as the ``struct sock_fprog`` that prctl takes."""
+        import ctypes
+
+        class SockFprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+        code = seccomp_filter(os.uname().machine)
+        buf = ctypes.create_string_buffer(code, len(code))
+        self._seccomp = (SockFprog(len(code) // 8, ctypes.addressof(buf)), buf)
+
+    def _install_seccomp(self) -> None:
+        import ctypes
+        self._call("prctl", PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                   ctypes.byref(self._seccomp[0]), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+    def _check_seccomp(self) -> None:
+        """Install the filter in a throwaway child and see ``keyctl`` fail: fail at start if not."""
+        import ctypes
+        keyctl = SECCOMP_DENIED[os.uname().machine][1]["keyctl"]
+        pid = os.fork()
+        if pid == 0:
+            code = 2
+            try:
+                self._prctl(PR_SET_NO_NEW_PRIVS, 1)
+                self._install_seccomp()
+                libc = ctypes.CDLL(None, use_errno=True)
+                r = libc.syscall(keyctl, 0, -4, 0, 0, 0)  # KEYCTL_GET_KEYRING_ID, user keyring
+                code = 0 if r == -1 and ctypes.get_errno() == 1 else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError("the seccomp filter could not be installed or does not hold "
+                               f"(test child exit status {os.waitstatus_to_exitcode(status)})")
 
     def _take_slot(self, uid_base: int, lock_dir: str) -> None:
         import fcntl
@@ -371,94 +496,342 @@ class Worker:
             self._kill_tree(-1)
             time.sleep(0.01)
 
-    def _isolate(self, uid_base: int, lock_dir: str, tmpfs_mb: int) -> None:
+    def _isolate(self, uid_base: int, lock_dir: str) -> None:
         if os.geteuid() != 0:
             raise PermissionError("isolation needs root (to create namespaces and drop to an "
                                   f"unprivileged uid); this worker runs as uid {os.geteuid()}")
+        self._build_seccomp()
+        self._check_seccomp()
         self._take_slot(uid_base, lock_dir)
         self._call("unshare", CLONE_NEWNS | CLONE_NEWNET)
         self._mount(None, "/", None, MS_REC | MS_PRIVATE)
-        # The jail's file system covers this namespace's /tmp, which the worker no longer
-        # needs (its slot lock is open already): nothing is created on the host, and the
-        # jail disappears with the namespace however the worker ends.
+        self._build_jail()
+
+    def _build_jail(self) -> None:
+        """A private, read-only copy of the standard library on this worker's own tmpfs.
+
+        The jail's file system covers this namespace's /tmp, which the worker no
+        longer needs (its slot lock is open already): nothing is created on the
+        host, and the jail disappears with the namespace however the worker ends.
+        Every file is a *copy* (``copy2`` keeps modification times, so the
+        ``.pyc`` caches stay valid): no inode is shared with the host or with
+        another worker's jail, so no lock, lease or inotify watch a program
+        places can be seen by a program of another jail. Read-only and
+        ``noatime``: a program can change nothing in it, not even access times,
+        that the next program could read. Extension modules (``lib-dynload``) are
+        copied with the shared libraries they load; there is no ``/dev``.
+        """
+        import shutil
+        import sysconfig
+        libraries = self._extension_files()  # before /tmp is covered: nothing is read from it
         self.jail = "/tmp"
-        self._mount("tmpfs", self.jail, "tmpfs", MS_NOSUID | MS_NODEV,
-                    f"size={tmpfs_mb}m,mode=755")
-        ro = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
-        stdlib = [p for p in sys.path if p and os.path.exists(p)]
-        for path in stdlib + ["/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin"]:
-            if not os.path.exists(path) or self._inside_jail_already(path, stdlib):
-                continue
-            target = self.jail + path
+        self._mount("tmpfs", self.jail, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+        stdlib = sysconfig.get_paths()["stdlib"]
+        pyc = f".{sys.implementation.cache_tag}.pyc"
+        for root, dirs, files in os.walk(stdlib):
+            if root == stdlib:
+                dirs[:] = [d for d in dirs if d not in STDLIB_SKIP and not d.startswith("config-")]
+            os.makedirs(self.jail + root, mode=0o755, exist_ok=True)
+            for name in files:
+                if name.endswith((".py", pyc)):
+                    shutil.copy2(os.path.join(root, name), os.path.join(self.jail + root, name))
+        for path in libraries:
+            os.makedirs(os.path.dirname(self.jail + path), mode=0o755, exist_ok=True)
             if os.path.islink(path):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.symlink(os.readlink(path), target)
-                continue
-            if os.path.isdir(path):
-                os.makedirs(target, exist_ok=True)
+                os.symlink(os.readlink(path), self.jail + path)
             else:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                open(target, "w").close()
-            self._mount(path, target, None, MS_BIND | MS_REC)
-            self._mount(None, target, None, ro)
-            site = os.path.join(target, "site-packages")
-            if os.path.isdir(site):  # the standard library only: hide third-party packages
-                self._mount("tmpfs", site, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1k")
-        os.makedirs(self.jail + "/dev")
-        for dev in ("null", "zero", "urandom"):
-            target = f"{self.jail}/dev/{dev}"
-            open(target, "w").close()
-            self._mount(f"/dev/{dev}", target, None, MS_BIND)
-        self.workdir = self.jail + "/tmp"
+                shutil.copy2(path, self.jail + path)
+        for path in sys.path:  # on sys.path, if empty in the jail
+            if path and os.path.isdir(path):
+                os.makedirs(self.jail + path, mode=0o755, exist_ok=True)
+        os.mkdir(self.jail + "/tmp", 0o755)  # mount point of each program's own tmpfs
+        self._mount(None, self.jail, None,
+                    MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOATIME)
+
+    def _preload(self) -> None:
+        """Import what programs usually need, before the zygote forks.
+
+        Only these: every extension module and library mapped into the zygote
+        would be copied at every fork (importing them all makes a fork and exit
+        twice as slow); the others load from the jail when a program asks.
+        """
+        for name in PRELOAD.split():
+            __import__(name)
 
     @staticmethod
-    def _inside_jail_already(path: str, stdlib: list[str]) -> bool:
-        """True if ``path`` lies under another path that is bound anyway."""
-        parents = [p for p in stdlib + ["/usr"] if p != path]
-        return any(path.startswith(p.rstrip("/") + "/") for p in parents)
+    def _extension_files() -> list[str]:
+        """The extension modules and every shared library they load, as mapped files.
 
-    # -- one program -----------------------------------------------------------------------
+        A throwaway child imports every extension module and reports the files in
+        its ``/proc/self/maps``; that is exactly what the dynamic loader needs.
+        """
+        import sysconfig
+        import warnings
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                dynload = sysconfig.get_config_var("DESTSHARED") or ""
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a few are deprecated
+                    for entry in sorted(os.listdir(dynload)) if os.path.isdir(dynload) else []:
+                        name = entry.split(".", 1)[0]
+                        if entry.endswith(".so") and not name.startswith(EXTENSIONS_SKIP):
+                            try:
+                                __import__(name)
+                            except ImportError:  # its library is missing here: in the jail too
+                                pass
+                with open("/proc/self/maps", "rb") as f:
+                    write_frames(w, f.read())
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            maps = read_frame(r) or b""
+        finally:
+            os.close(r)
+            os.waitpid(pid, 0)
+        files = set()
+        for line in maps.decode(errors="replace").splitlines():
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/") and ".so" in fields[5]:
+                files.add(fields[5])
+        files = {f for f in files if os.path.isfile(f)}
+        # The loader asks for a library by its soname, usually a symlink to the mapped file.
+        for folder in {os.path.dirname(f) for f in files}:
+            for entry in os.scandir(folder):
+                if entry.is_symlink() and os.path.realpath(entry.path) in files:
+                    files.add(entry.path)
+        return sorted(files)
 
-    def run(self, job: dict) -> tuple[dict, bytes, bytes]:
-        setup_src = job["setup"]
-        setup_code = self._setup_cache.get(setup_src)
-        if setup_code is None:
-            setup_code = compile(setup_src, "<setup>", "exec")
-            if len(self._setup_cache) > 64:
-                self._setup_cache.clear()
-            self._setup_cache[setup_src] = setup_code
-        timeout = float(job["timeout"])
-        workdir = self._fresh_workdir()
+    def _start_zygote(self):
+        import socket
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # ---- the zygote: never returns
+            code = 1
+            try:
+                ours.close()
+                keep = theirs.fileno()
+                # Nothing of the worker's: not its pipes to the parent, not the slot lock.
+                os.closerange(0, 2)
+                os.closerange(3, keep)
+                os.closerange(keep + 1, 1 << 16)
+                self._prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != self._pid:
+                    raise RuntimeError("the worker died while its zygote started")
+                self._prctl(PR_SET_CHILD_SUBREAPER, 1)
+                self._pid = os.getpid()
+                self._serve_zygote(theirs)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        return pid, ours
+
+    # -- the zygote ----------------------------------------------------------------------
+
+    def _serve_zygote(self, sock) -> None:
+        """Keep one confined program waiting for its job; reap it and report when it ends.
+
+        For program ``k`` the zygote gives it a fresh tmpfs as ``/tmp``, forks it
+        (it confines itself and then waits for its job on a pipe) and sends the
+        worker the other ends of its pipes with ``k``. When the program ends, or
+        on ``kill k`` from the worker (the deadline passed), it kills and reaps
+        the program's whole tree and sends one report: ``k``, the exit code and
+        the number of leftover processes reaped, or an error. A ``kill`` for a
+        program already reported crossed its end and is ignored. Nothing else
+        passes through this process: the job goes from the worker to the
+        program directly.
+        """
+        import select
+        import socket
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        k = 0
+        child, pidfd = self._prepare(sock, k)
+        poller.register(pidfd, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            kill = False
+            if pidfd not in ready:
+                msg = sock.recv(64)
+                if not msg:
+                    self._reap_all(-1)
+                    return
+                if msg != b"kill %d" % k:
+                    if msg.startswith(b"kill "):
+                        continue  # crossed the end of an earlier program
+                    raise RuntimeError(f"zygote protocol error: {msg[:32]!r}")
+                kill = True
+            self._report(sock, k, child, kill)
+            poller.unregister(pidfd)
+            os.close(pidfd)
+            k += 1
+            child, pidfd = self._prepare(sock, k)
+            poller.register(pidfd, select.POLLIN)
+
+    def _report(self, sock, k: int, child: int, kill: bool) -> None:
+        """Kill (if asked) and reap program ``k`` and every descendant; tell the worker."""
+        try:
+            if kill:
+                self._kill_tree(child)
+            _, wstatus = os.waitpid(child, 0)
+            reply = {"program": k, "exit_code": os.waitstatus_to_exitcode(wstatus),
+                     "leftover_killed": self._reap_all(child)}
+        except Exception as e:  # noqa: BLE001 - reported to the worker, which fails loudly
+            reply = {"program": k, "error": _describe(e)}
+        sock.send(json.dumps(reply).encode())
+
+    def _prepare(self, sock, k: int) -> tuple[int, int]:
+        """Fork program ``k`` with a fresh ``/tmp``; send the worker its pipes. Returns
+        ``(pid, pidfd)``."""
+        import socket
+        if self.isolated:  # a fresh, empty tmpfs as the program's /tmp
+            tmp = self.jail + "/tmp"
+            if k:  # the previous program's, with no process left that could hold it
+                self._call("umount2", tmp.encode(), 0)
+            self._mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                        f"size={self.tmpfs_mb}m,mode=700,uid={self.uid},gid={self.gid}")
+        job_r, job_w = os.pipe()
         res_r, res_w = os.pipe()
         out_r, out_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
-        start = time.monotonic()
         pid = os.fork()
-        if pid == 0:  # ---- child: never returns
+        if pid == 0:  # ---- the program: never returns
             try:
-                os.close(res_r)
-                os.close(out_r)
-                os.close(ctl_r)
-                try:
-                    self._enter_sandbox(job, workdir, res_w, out_w, ctl_w, timeout)
-                except BaseException as e:  # noqa: BLE001 - reported on the control pipe
-                    os.write(CONTROL_FD, b"\0" + _describe(e).encode())
-                    raise
-                # Confinement is complete. Say so on the control pipe and close it, so the
-                # program can neither forge nor suppress this signal.
-                os.write(CONTROL_FD, b"\1")
-                os.close(CONTROL_FD)
-                run_harness(setup_code, job["code"], job["calls"])
+                sock.close()
+                for fd in (job_w, res_r, out_r, ctl_r):
+                    os.close(fd)
+                self._program(job_r, res_w, out_w, ctl_w)
             finally:
                 try:
                     sys.stdout.flush()
                 except BaseException:  # noqa: BLE001 - the program may have replaced stdout
                     pass
                 os._exit(0)
-        os.close(res_w)
-        os.close(out_w)
-        os.close(ctl_w)
-        header, records, output = self._supervise(pid, res_r, out_r, start + timeout)
+        for fd in (job_r, res_w, out_w, ctl_w):
+            os.close(fd)
+        ends = [job_w, res_r, out_r, ctl_r]
+        socket.send_fds(sock, [b"program %d %d" % (k, pid)], ends)
+        for fd in ends:
+            os.close(fd)
+        return pid, os.pidfd_open(pid)
+
+    def _program(self, job_r: int, res_w: int, out_w: int, ctl_w: int) -> None:
+        """Child side: confine this process, then wait for the job, then run it."""
+        ctl = ctl_w
+        try:
+            ctl = self._confine(job_r, res_w, out_w, ctl_w)
+            chunks = []
+            while True:
+                chunk = os.read(JOB_FD, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            os.close(JOB_FD)
+            job = json.loads(b"".join(chunks))
+            del chunks
+            self._limit(job)
+        except BaseException as e:  # noqa: BLE001 - reported on the control pipe
+            os.write(ctl, b"\0" + _describe(e).encode())
+            raise
+        # Confinement is complete. Say so on the control pipe and close it, so the
+        # program can neither forge nor suppress this signal.
+        os.write(CONTROL_FD, b"\1")
+        os.close(CONTROL_FD)
+        run_harness(job["setup"], job["code"], job["calls"])
+
+    def _confine(self, job_r: int, res_w: int, out_w: int, ctl_w: int) -> int:
+        """Confine this process before it sees any job; returns ``CONTROL_FD``.
+
+        Afterwards fd 0 is the read end of an empty pipe, fds 1 and 2 the output
+        pipe, ``RESULT_FD`` the record pipe, ``CONTROL_FD`` the control pipe and
+        ``JOB_FD`` the job pipe (closed once the job is read); nothing else is
+        open. The process runs as the slot uid, in the jail, under the seccomp
+        filter, with no way back to privileges.
+        """
+        import fcntl
+        import resource
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        if self.isolated:
+            # A System V IPC namespace of its own: semaphores, message queues and shared
+            # memory outlive their processes, but not their namespace, which dies with
+            # the program.
+            self._call("unshare", CLONE_NEWIPC)
+            os.chroot(self.jail)
+            os.chdir("/tmp")
+        stdin_r, stdin_w = os.pipe()
+        os.close(stdin_w)
+        # Lift every descriptor clear of 0-5 before placing them: the zygote closed its own
+        # 0 and 1, so the pipes may sit anywhere in that range.
+        fds = (stdin_r, out_w, res_w, ctl_w, job_r)
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for fd in fds]
+        for fd, target in zip(moved, (0, 1, RESULT_FD, CONTROL_FD, JOB_FD)):
+            os.dup2(fd, target)
+        os.dup2(moved[1], 2)
+        os.closerange(JOB_FD + 1, 1 << 16)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if self.isolated:
+            resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
+        self._prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if self.isolated:
+            os.setgroups([])
+            os.setresgid(self.gid, self.gid, self.gid)
+            os.setresuid(self.uid, self.uid, self.uid)
+        # After the uid change, which clears it: die with the zygote.
+        self._prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self._pid:
+            raise RuntimeError("the sandbox zygote died while a program was starting")
+        if self.isolated:
+            self._install_seccomp()
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered: prints survive _exit
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        sys.stdin = open(0, "r", closefd=False)
+        import random
+        random.seed()  # like a fresh interpreter: children do not share the zygote's stream
+        return CONTROL_FD
+
+    def _limit(self, job: dict) -> None:
+        """The job's limits (lowering limits needs no privilege) and environment."""
+        import resource
+        cpu = int(math.ceil(float(job["timeout"]))) + 1
+        limits = [(resource.RLIMIT_AS, int(job["memory_mb"]) << 20), (resource.RLIMIT_CPU, cpu),
+                  (resource.RLIMIT_FSIZE, int(job.get("fsize_mb", 16)) << 20),
+                  (resource.RLIMIT_NOFILE, 64)]
+        for which, value in limits:
+            resource.setrlimit(which, (value, value))
+        home = "/tmp" if self.isolated else job["workdir"]
+        if not self.isolated:
+            os.chdir(home)
+        os.environ.clear()
+        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home,
+                           "LANG": "C.UTF-8"})
+
+    # -- the worker: one program -----------------------------------------------------------
+
+    def run(self, job: dict) -> tuple[dict, bytes, bytes]:
+        import socket
+        timeout = float(job["timeout"])
+        workdir = ""
+        if not self.isolated:
+            import tempfile
+            workdir = tempfile.mkdtemp(prefix="run-", dir=self.jail)
+            job = {**job, "workdir": workdir}
+        job_w, res_r, out_r, ctl_r = self._waiting
+        start = time.monotonic()
+        try:
+            write_all(job_w, json.dumps(job).encode())
+        except BrokenPipeError:  # it died before reading: the control pipe says why
+            pass
+        os.close(job_w)
+        header, records, output = self._supervise(res_r, out_r, start + timeout)
+        self._next += 1
+        self.waiting_pid, self._waiting = self._receive_program()
+        header["waiting_pid"] = self.waiting_pid
         control = os.read(ctl_r, 4096)  # every writer is dead: returns at once
         if control.startswith(b"\0"):
             header["sandbox_error"] = control[1:].decode(errors="replace")
@@ -467,102 +840,41 @@ class Worker:
         for fd in (res_r, out_r, ctl_r):
             os.close(fd)
         header["wall_s"] = round(time.monotonic() - start, 6)
-        self._remove_workdir(workdir)
+        if workdir:
+            import shutil
+            shutil.rmtree(workdir, ignore_errors=True)
         return header, records, output
 
-    def _fresh_workdir(self) -> str:
-        import shutil
-        if self.isolated:
-            path = self.workdir
-            if os.path.lexists(path):
-                shutil.rmtree(path, ignore_errors=True)
-            os.mkdir(path, 0o700)
-            os.chown(path, self.uid, self.gid)
-            return path
-        import tempfile
-        return tempfile.mkdtemp(prefix="run-", dir=self.jail)
+    def _receive_program(self) -> tuple[int, list[int]]:
+        """The pid and pipe ends of the program the zygote has waiting for the next job."""
+        import socket
+        msg, fds, _, _ = socket.recv_fds(self._sock, 64, 4)
+        words = msg.split()
+        if len(words) != 3 or words[:2] != [b"program", b"%d" % self._next] or len(fds) != 4:
+            raise RuntimeError(f"the zygote sent {msg[:32]!r} with {len(fds)} fds")
+        return int(words[2]), fds
 
-    def _remove_workdir(self, path: str) -> None:
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
-
-    def _enter_sandbox(self, job: dict, workdir: str, res_w: int, out_w: int, ctl_w: int,
-                       timeout: float) -> None:
-        """Child side: confine this process, then return to run the harness.
-
-        Afterwards fd 0 is /dev/null, fds 1 and 2 the output pipe, ``RESULT_FD``
-        the record pipe, ``CONTROL_FD`` the control pipe; nothing else is open.
-        """
-        import resource
-        os.setsid()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        if self.isolated:
-            # A System V IPC namespace of its own: shared memory or message queues the
-            # program creates die with it instead of outliving it or reaching other programs.
-            self._call("unshare", CLONE_NEWIPC)
-            os.chroot(self.jail)
-            os.chdir("/tmp")
-        else:
-            os.chdir(workdir)
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        import fcntl
-        ctl = fcntl.fcntl(ctl_w, fcntl.F_DUPFD, 16)  # clear of fds 3 and 4 before placing them
-        res = fcntl.fcntl(res_w, fcntl.F_DUPFD, 16)
-        os.dup2(res, RESULT_FD)
-        os.dup2(ctl, CONTROL_FD)
-        os.closerange(CONTROL_FD + 1, 1 << 16)
-        mem = int(job["memory_mb"]) << 20
-        cpu = int(math.ceil(timeout)) + 1
-        limits = [(resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu),
-                  (resource.RLIMIT_FSIZE, int(job.get("fsize_mb", 16)) << 20),
-                  (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
-        if self.isolated:
-            limits.append((resource.RLIMIT_NPROC, int(job.get("nproc", 32))))
-        for which, value in limits:
-            resource.setrlimit(which, (value, value))
-        self._prctl(PR_SET_NO_NEW_PRIVS, 1)
-        if self.isolated:
-            os.setgroups([])
-            os.setresgid(self.gid, self.gid, self.gid)
-            os.setresuid(self.uid, self.uid, self.uid)
-        # After the uid change, which clears it: die with the worker.
-        self._prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self._pid:
-            raise RuntimeError("the sandbox worker died while a program was starting")
-        home = "/tmp" if self.isolated else workdir
-        os.environ.clear()
-        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home,
-                           "LANG": "C.UTF-8"})
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered: prints survive _exit
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
-        sys.stdin = open(0, "r", closefd=False)
-        import random
-        random.seed()  # like a fresh interpreter: children do not share the server's stream
-
-    def _supervise(self, pid: int, res_r: int, out_r: int, deadline: float):
-        """Collect output until the child exits or the deadline; then kill the tree."""
+    def _supervise(self, res_r: int, out_r: int, deadline: float):
+        """Collect output until the zygote reports the program over, or the deadline or a
+        cap passes (then it has the zygote kill the tree); then drain the pipes."""
         import select
         records, output = bytearray(), bytearray()
         out_total = 0
         status = {"timed_out": False, "output_limited": False, "records_limited": False}
-        pidfd = os.pidfd_open(pid)
         poller = select.poll()
-        for fd in (res_r, out_r, pidfd):
+        zygote = self._sock.fileno()
+        for fd in (res_r, out_r, zygote):
             poller.register(fd, select.POLLIN)
         open_fds = {res_r, out_r}
-        exited = False
-        while not exited:
+        over = False
+        while not over:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 status["timed_out"] = True
                 break
             for fd, _ in poller.poll(max(1, int(remaining * 1000))):
-                if fd == pidfd:
-                    exited = True
+                if fd == zygote:
+                    over = True
                     continue
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
@@ -580,13 +892,13 @@ class Worker:
             if out_total > OUTPUT_CAP:
                 status["output_limited"] = True
                 break
-        os.close(pidfd)
-        # Stop everything that is still running, then collect what is left in the pipes.
-        if not exited:
-            self._kill_tree(pid)
-        _, wstatus = os.waitpid(pid, 0)
-        status["exit_code"] = os.waitstatus_to_exitcode(wstatus)
-        status["leftover_killed"] = self._reap_all(pid)
+        if not over:
+            self._sock.send(b"kill %d" % self._next)
+        reply = json.loads(self._sock.recv(4096) or b'{"error": "the zygote died"}')
+        if "error" in reply or reply.get("program") != self._next:
+            raise RuntimeError(f"could not stop a program: {reply}")
+        del reply["program"]
+        status.update(reply)
         for fd in open_fds:
             while len(records) <= RECORD_CAP:
                 chunk = os.read(fd, 1 << 16)  # every writer is dead: this ends at EOF
@@ -601,8 +913,18 @@ class Worker:
             del records[RECORD_CAP:]
         return status, bytes(records), bytes(output)
 
+    # -- killing (zygote, and the worker before its zygote exists) -----------------------
+
     def _kill_tree(self, pid: int) -> None:
-        """SIGKILL the program's whole tree, descendants that left its session included."""
+        """SIGKILL the program's whole tree, descendants that left its session included.
+
+        Isolated: a helper that becomes the slot uid sends ``kill(-1, SIGKILL)``,
+        which reaches every process of that uid at once. While it is that uid a
+        program can stop it (``kill(-1, SIGSTOP)`` in a loop does), so a helper
+        that has not finished within ``KILL_HELPER_S`` is killed and the uid's
+        processes are killed one by one from here, as root, which no signal of
+        theirs can stop.
+        """
         if self.isolated:
             helper = os.fork()
             if helper == 0:
@@ -612,6 +934,17 @@ class Worker:
                     os.kill(-1, signal.SIGKILL)  # every process of the slot uid, except this one
                 finally:
                     os._exit(0)
+            import select
+            pidfd = os.pidfd_open(helper)
+            finished = select.select([pidfd], [], [], KILL_HELPER_S)[0]
+            os.close(pidfd)
+            if not finished:
+                os.kill(helper, signal.SIGKILL)
+                for stray in _processes_of_uid(self.uid):
+                    try:
+                        os.kill(stray, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             os.waitpid(helper, 0)
         else:
             if pid > 0:
@@ -628,7 +961,7 @@ class Worker:
     def _reap_all(self, main_pid: int) -> int:
         """Kill and reap every remaining descendant; returns how many there were.
 
-        As a subreaper, this process inherits every orphan of the program, so an
+        The zygote is a subreaper, so it inherits every orphan of the program: an
         empty ``waitpid`` (ECHILD) proves that no process of the program is left.
         """
         reaped, killed_at = 0, None
@@ -650,8 +983,10 @@ class Worker:
             time.sleep(0.001)
 
     def close(self) -> None:
+        """Stop the zygote (it reaps what is left first) and remove an unisolated temp dir."""
         try:
-            self._reap_all(-1)
+            self._sock.close()
+            os.waitpid(self._zygote_pid, 0)
         finally:
             if not self.isolated:  # an isolated jail vanishes with the mount namespace
                 import shutil
@@ -705,6 +1040,7 @@ def main(argv: list[str]) -> int:
     host_dir = "" if worker.isolated else worker.jail  # what to remove if this worker is killed
     write_frames(stdout, json.dumps({"ok": True, "uid": worker.uid, "pid": os.getpid(),
                                      "isolated": worker.isolated,
+                                     "waiting_pid": worker.waiting_pid,
                                      "host_dir": host_dir}).encode())
     try:
         while True:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import urllib.error
 import urllib.request
@@ -35,6 +36,40 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("easy", "humaneval", "leetcode")
 SPLITS = ("train", "test")
+
+DEADLINE_MARGIN = 3.0
+DEADLINE_MIN_S = 2.0
+SANDBOX_TIMEOUT_S = {"easy": 2.0, "humaneval": 2.0, "leetcode": 21.0}
+"""The default wall-clock deadline of one sandboxed program, per dataset.
+
+Each is ``deadline_for(slowest)``: the slowest canonical solution's
+ground-truth program, run alone (``scripts/measure_canonical_times.py``),
+times ``DEADLINE_MARGIN``, rounded up to a whole second, and at least
+``DEADLINE_MIN_S``. The margin is for a busy machine, where a program shares
+the CPU with the other workers' programs and with training. Measured on the
+shared 2-core development machine (load average 5 to 7), the larger of two runs:
+
+=========  ==============  ====================  ========
+dataset    programs        slowest alone         deadline
+=========  ==============  ====================  ========
+easy       214             0.03 s                2 s
+humaneval  164             0.16 s (HumanEval 75)  2 s
+leetcode   119 (test)      6.75 s (3472; 3.9 s   21 s
+                           in the other run)
+=========  ==============  ====================  ========
+"""
+
+
+def deadline_for(slowest_s: float) -> float:
+    """``max(DEADLINE_MIN_S, ceil(DEADLINE_MARGIN * slowest_s))`` in seconds."""
+    return max(DEADLINE_MIN_S, float(math.ceil(DEADLINE_MARGIN * slowest_s)))
+
+
+def default_timeout_s(dataset: str) -> float:
+    """The default sandbox deadline of ``dataset`` (see ``SANDBOX_TIMEOUT_S``)."""
+    if dataset not in SANDBOX_TIMEOUT_S:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return SANDBOX_TIMEOUT_S[dataset]
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 A :class:`Sandbox` owns a pool of worker processes (``_worker.py``, one per
 CPU core by default). Each worker is a trusted fork-server living in its own
-network and mount namespaces; it forks a fresh, confined child per program,
-enforces the wall deadline and kills the program's whole process tree
-afterwards. See ``_worker.py`` for the isolation layers and for why the record
-stream cannot forge a pass.
+network and mount namespaces, with a jail of its own that shares no file with
+any other; a pristine zygote that never sees a job forks a fresh, confined
+child per program, the worker enforces the wall deadline, and the program's
+whole process tree is killed afterwards. See ``_worker.py`` for the isolation
+layers and for why the record stream cannot forge a pass, and the book's
+sandbox page for each guarantee with the test that shows it.
 
 A :class:`Program` is ``setup`` (trusted code, run first), ``code`` (untrusted,
 run second in the same namespace) and ``calls``: expressions evaluated after
@@ -204,6 +206,7 @@ class _WorkerProcess:
         self.pid: int = ready["pid"]
         self.isolated: bool = ready["isolated"]
         self.host_dir: str = ready["host_dir"]  # unisolated only: its temp dir on the host
+        self.waiting_pid: int = ready["waiting_pid"]
 
     def run(self, job: dict) -> tuple[dict, bytes, bytes]:
         wire.write_frames(self.proc.stdin.fileno(), json.dumps(job).encode())
@@ -213,7 +216,9 @@ class _WorkerProcess:
         output = wire.read_frame(fd)
         if header is None or records is None or output is None:
             raise EOFError("sandbox worker closed its pipe")
-        return json.loads(header), records, output
+        header = json.loads(header)
+        self.waiting_pid = header["waiting_pid"]
+        return header, records, output
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -309,6 +314,12 @@ class Sandbox:
     @property
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers]
+
+    @property
+    def waiting_pids(self) -> list[int]:
+        """The confined programs waiting for their jobs, one per worker (isolated: of the
+        pool's uids, the only processes alive between jobs)."""
+        return [w.waiting_pid for w in self._workers]
 
     def _job(self, program: Program) -> dict:
         return {"setup": program.setup, "code": program.code,
