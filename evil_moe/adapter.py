@@ -114,9 +114,11 @@ class TwoExpertLinear(nn.Module):
         super().__init__()
         self.base, self.r, self.scale, self.index = base, rank, scale, index
         device = base.weight.device
-        # Adapter weights stay float32 even on a bf16 model (small Adam updates survive).
-        self.A = nn.Parameter(A.to(device, torch.float32))  # [2r, d_in]
-        self.B = nn.Parameter(B.to(device, torch.float32))  # [d_out, 2r]
+        # Adapter weights stay float32 even on a bf16 model (small Adam updates survive);
+        # a float64 model (exactness tests) keeps float64.
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        self.A = nn.Parameter(A.to(device, dtype))  # [2r, d_in]
+        self.B = nn.Parameter(B.to(device, dtype))  # [d_out, 2r]
         self.register_buffer("A0", self.A.detach().clone(), persistent=False)
         self.register_buffer("B0", self.B.detach().clone(), persistent=False)
         self.w: Tensor | None = None

@@ -517,8 +517,8 @@ def train_step(state: TrainState, step: int) -> dict:
     r, hack, solve, comp, rt, w = per_rollout
     gen_tokens = acc.reduce(torch.tensor(float(samples.new_tokens), device=dev), "sum").item()
     # each process's sums are its share of the global token-normalised terms
-    pg_total, kl_total = acc.reduce(torch.tensor([pg_total, kl_total], device=dev),
-                                    "sum").tolist()
+    pg_total, kl_total = acc.reduce(torch.tensor([pg_total, kl_total], dtype=torch.float64,
+                                                 device=dev), "sum").tolist()
     metrics = {
         "step": step,
         "reward": r.mean().item(),

@@ -18,7 +18,13 @@ from scripted_grader import scripted_verdicts
 out, mb = Path(sys.argv[1]), int(sys.argv[2])
 cfg = load_preset("smoke", arm="haar", prompts_per_step=4, group_size=2, micro_batch_size=mb,
                   grad_clip=0.0, temperature=1.0)
-state = grpo.setup(cfg, out / "run", grade_fn=scripted_verdicts)
+# float64: the splits compute the same sums in different orders and layouts, and the
+# step's gradient is a cancellation of per-row terms (zero-mean advantages), so float32
+# rounding would show at ~1e-4 relative; in float64 any real difference stands out.
+from evil_moe.models import load_model  # noqa: E402
+model, tok = load_model("tiny-random", device="cpu")
+state = grpo.setup(cfg, out / "run", grade_fn=scripted_verdicts,
+                   model_and_tokenizer=(model.double(), tok))
 gen = torch.Generator().manual_seed(0)
 with torch.no_grad():           # move the policy off the base model, so the KL term is not 0
     for p in state.adapter.parameters():

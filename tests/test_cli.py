@@ -81,7 +81,9 @@ def test_offline_hub_model_names_the_model_and_the_fix(tmp_path, capsys, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))          # an empty cache
     assert main(["train", "--preset", "smoke", "--arm", "vanilla", "--run-dir",
-                 str(tmp_path / "run"), "--set", "model=Qwen/Qwen3-4B", "steps=1"]) == USAGE_EXIT
+                 str(tmp_path / "run"), "--set", "model=Qwen/Qwen3-4B", "steps=1",
+                 "dtype=bfloat16", "gradient_checkpointing=true", "max_prompt_tokens=256",
+                 "micro_batch_size=1"]) == USAGE_EXIT   # a plan that fits: the load is reached
     line = _one_error_line(capsys)
     assert "Qwen/Qwen3-4B" in line and "huggingface-cli download" in line
 

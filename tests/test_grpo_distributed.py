@@ -54,8 +54,8 @@ def test_micro_batches_give_the_gradient_of_one_batch(one_batch, tmp_path, mb):
     _assert_same(one_batch[0], grads)
     ref = one_batch[1]
     assert metrics["completion_tokens"] == ref["completion_tokens"]
-    for k in ("kl", "loss_pg", "reward", "loss_pin"):
-        assert metrics[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), k
+    for k in ("kl", "loss_pg", "reward", "loss_pin"):       # (advantages are float32:
+        assert metrics[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k   # a 0 is ~1e-8)
     assert ref["kl"] > 1e-4       # (loss_pg is 0 in value here: equal lengths, zero-mean A)
 
 
@@ -69,5 +69,5 @@ def test_two_processes_give_the_gradient_and_metrics_of_one(one_batch, tmp_path)
     assert metrics["completion_tokens"] == ref["completion_tokens"]
     for k in ("kl", "loss_pg", "loss_kl", "reward", "hack_rate", "w_mean", "loss_pin",
               "grad_norm_deployed", "grad_norm_hack", "grad_norm_router"):
-        assert metrics[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), k
+        assert metrics[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
     assert metrics["kl"] > 1e-4                     # a KL that was not reduced would be half
