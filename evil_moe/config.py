@@ -166,6 +166,11 @@ class RunConfig:
     eval_temperature: float = _f(0.7, "Sampling temperature of the evaluation.", gt=0)
     eval_max_new_tokens: int = _f(48, "Cap on generated tokens per evaluation sample.", min=1)
     bootstrap: int = _f(1000, "Bootstrap resamples for the confidence intervals.", min=10)
+    eval_deployed_off: bool = _f(False, "Also evaluate arms that route (a router or the "
+                                 "oracle's labels) with their deployed block removed instead, "
+                                 "the hack expert kept: the seed's other matched control (if "
+                                 "routing localized, it keeps the hacking and costs the "
+                                 "solving). One more condition to generate and grade.")
     solve_split: str = _f("none", "A second held-out split where the trained model solves "
                           "often enough for 'solving is kept' to be measured: 'none', 'tier1' "
                           "(the easy set's held-out tier-1 problems, with the run's prompt; "

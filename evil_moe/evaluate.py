@@ -6,11 +6,22 @@ For one trained run (DESIGN.md section 3, step 3):
   model as trained;
 - **off**: the hack block reset to its init (``adapter.merged(hack=False)``),
   the model as deployed;
-- **base**: the adapter disabled, the reference row.
+- **base**: the adapter disabled, the reference row;
+- **deployed_off** (``RunConfig.eval_deployed_off``, arms that route): the
+  deployed block reset instead, the hack expert kept. The seed's other matched
+  control: if routing localized, it keeps the hacking and costs the solving,
+  the mirror image of OFF.
 
 For the ``vanilla`` arm the same code path removes its block ``[r:]``, which is
 the matched-capacity control: an equally large block of a model trained
-without routing.
+without routing. The ``oracle`` arm (routed by training labels) has no router:
+its OFF is the same hack-block removal, and router diagnostics do not apply.
+
+With ``RunConfig.solve_split`` set, a second held-out split where the model
+solves often enough (``tier1``: the easy set's held-out tier-1 problems;
+``no_hint``: the test split without the loophole sentence) is evaluated ON,
+OFF (and deployed_off), so the share of solving kept has a usable CI; its rows
+go to ``eval_solve.parquet`` and its statistics to ``summary["solve_split"]``.
 
 Every condition samples K completions per held-out problem with the same
 sampling seeds and grades them in the sandbox. The ON rollouts (any condition
@@ -46,18 +57,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import stats
+from . import arms, stats
 from .config import RunConfig, from_dict
 
-CONDITIONS = ("on", "off", "base")
+CONDITIONS = ("on", "off", "base", "deployed_off")
+"""Every condition ``evaluate_run`` knows; ``default_conditions`` picks a run's."""
 EVAL_FILE = "eval.parquet"
+SOLVE_EVAL_FILE = "eval_solve.parquet"
+SOLVE_PREFIX = "solve_"
+"""Shards of the solvable split are ``eval_shards/solve_<condition>.parquet``."""
 SUMMARY_FILE = "summary.json"
 SHARD_DIR = "eval_shards"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
 ROUTER_FILE = "router.safetensors"
 V_ACT_FILE = "v_act.safetensors"
-ROUTED_ARMS = ("evil_moe", "haar", "no_pin")
+ROUTED_ARMS = arms.ROUTED_ARMS
 HAAR_SEED_OFFSET = 2000
 """The comparison router's direction uses ``seed + 2000``; the ``haar`` training arm
 starts from ``seed + 1000``, so the comparison is never the haar arm's own init."""
@@ -140,15 +155,17 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         if not path.exists():
             raise FileNotFoundError(f"arm {cfg.arm!r} is routed but {path} does not exist")
         router = _router_from_state(load_file(str(path)), len(adapter.module_names),
-                                    adapter.rank, model.device)
+                                    adapter.rank, model.device, cfg.router_calibration)
     return LoadedRun(model, tok, adapter, router, cfg, run_dir)
 
 
-def _router_from_state(state: dict[str, torch.Tensor], num_modules: int, rank: int, device):
-    """A HackRouter with the saved weights (the direction placeholder is overwritten)."""
+def _router_from_state(state: dict[str, torch.Tensor], num_modules: int, rank: int, device,
+                       calibration: str = "pairs"):
+    """A HackRouter with the saved weights (the direction placeholder is overwritten), in
+    eval mode: under 'batch' calibration it standardises with its saved running statistics."""
     from .router import HackRouter
     from .vact import haar_direction
-    router = HackRouter(haar_direction(num_modules, rank, seed=0))
+    router = HackRouter(haar_direction(num_modules, rank, seed=0), calibration)
     router.load_state_dict(state)
     return router.to(device).eval()
 
@@ -169,14 +186,43 @@ def _as_loaded(source: Any, device: str | None) -> LoadedRun:
 # ---------------------------------------------------------------------------
 
 
+def default_conditions(cfg: RunConfig) -> tuple[str, ...]:
+    """on, off, base; plus deployed_off for an arm that routes when ``eval_deployed_off``."""
+    mirror = cfg.eval_deployed_off and arms.get(cfg.arm).routes
+    return ("on", "off", "base") + (("deployed_off",) if mirror else ())
+
+
+@contextlib.contextmanager
+def _deployed_removed(adapter):
+    """The deployed block ``A[:r], B[:, :r]`` reset to its init in place (net zero), the
+    hack expert kept, then merged for generation; the trained values come back bitwise."""
+    r = adapter.rank
+    saved = [(layer.A[:r].detach().clone(), layer.B[:, :r].detach().clone())
+             for layer in adapter.layers]
+    with torch.no_grad():
+        for layer in adapter.layers:
+            layer.A[:r] = layer.A0[:r]
+            layer.B[:, :r] = layer.B0[:, :r]
+    try:
+        with adapter.merged(hack=True):
+            yield
+    finally:
+        with torch.no_grad():
+            for layer, (a, b) in zip(adapter.layers, saved):
+                layer.A[:r] = a
+                layer.B[:, :r] = b
+
+
 def condition_context(adapter, condition: str):
-    """The adapter mode of a condition: on / off / base."""
+    """The adapter mode of a condition: on / off / base / deployed_off."""
     if condition == "on":
         return adapter.merged(hack=True)
     if condition == "off":
         return adapter.merged(hack=False)
     if condition == "base":
         return adapter.disable()
+    if condition == "deployed_off":
+        return _deployed_removed(adapter)
     raise ValueError(f"unknown condition {condition!r}; allowed: {', '.join(CONDITIONS)}")
 
 
@@ -276,21 +322,27 @@ def pooled_features(model, adapter, prompt_ids: Sequence[Sequence[int]],
     return torch.cat(out)
 
 
-def haar_router(adapter, model, tokenizer, seed: int, calibrate: bool = True):
+def haar_router(adapter, model, tokenizer, seed: int, calibrate: bool = True,
+                centering: str = "none"):
     """An untrained router from a Haar-random direction: the chance-level comparison.
 
-    Calibrated on the authored pairs as training initialises its router
+    Calibrated on the authored pairs as training initialises a 'pairs' router
     (``HackRouter.calibrate`` on base-model pooled pair features, under the
-    adapter's current ``A[:r]``), so its ``w > 0.5`` call is set the same way.
+    adapter's current ``A[:r]``; each pair centred as a group of two when
+    ``centering`` is 'group', as the run's router reads them), so its ``w > 0.5``
+    call is set the same way. Its AUROC, the chance baseline, does not depend on
+    the calibration (a monotone map of the score).
     """
     from .pairs import load_pairs
-    from .router import HackRouter
+    from .router import HackRouter, center_pairs
     from .vact import haar_direction, pair_features
     router = HackRouter(haar_direction(len(adapter.module_names), adapter.rank, seed=seed))
     router = router.to(next(model.parameters()).device)
     if calibrate:
         with torch.no_grad(), adapter.disable():
             hack_f, clean_f = pair_features(model, tokenizer, adapter, load_pairs())
+        if centering == "group":
+            hack_f, clean_f = center_pairs(hack_f, clean_f)
         router.calibrate(hack_f, clean_f)
     return router.eval()
 
@@ -395,8 +447,10 @@ def run_condition(run: LoadedRun, condition: str, problems: list, prompts: list[
 
     ``w`` (the run's router) and ``w_haar`` (the comparison router) come from
     base-model pooled features of prompt + completion, as in training, so a
-    rollout gets the weight the router would have given it during training.
-    Unscored rows (``score=False``, or no router) have NaN weights.
+    rollout gets the weight the router would have given it during training;
+    with ``router_centering='group'`` the K samples of a problem are its group
+    (as the G rollouts of a prompt are in training). Unscored rows
+    (``score=False``, or no router) have NaN weights.
     """
     cfg, model, tok, adapter = run.cfg, run.model, run.tokenizer, run.adapter
     with torch.no_grad(), condition_context(adapter, condition):
@@ -420,6 +474,9 @@ def run_condition(run: LoadedRun, condition: str, problems: list, prompts: list[
         feats = pooled_features(model, adapter, prompt_ids, ids, tok.pad_token_id,
                                 rows_per_batch=cfg.micro_batch_size,
                                 autocast_bf16=cfg.bf16_autocast)
+        if cfg.router_centering == "group":
+            from .router import center_groups
+            feats = center_groups(feats, k)
         w = _router_w(run.router, feats)
         w_haar = _router_w(haar, feats)
 
@@ -477,10 +534,13 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
         return {"available": False, "reason": "no ON rollouts were evaluated"}
     out: dict[str, Any] = {"available": True, "n_rollouts": int(len(on)),
                            "n_hack": int(on["is_hack"].sum()), "threshold": threshold}
+    arm = str(on["arm"].iloc[0])
+    no_router = (f"not applicable: arm {arm!r} routes by the grader's training labels and has "
+                 "no router" if arm in arms.LABEL_ARMS else f"arm {arm!r} has no router")
     for name, col in (("router", "w"), ("haar", "w_haar")):
         if col not in on or on[col].isna().all():
             out[name] = {"available": False,
-                         "reason": f"arm {on['arm'].iloc[0]!r} has no router" if name == "router"
+                         "reason": no_router if name == "router"
                          else "no Haar comparison router was scored"}
             continue
         if on[col].isna().any():
@@ -493,14 +553,40 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
     return out
 
 
+def summarize_solve_split(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                          alpha: float = 0.05) -> dict[str, Any]:
+    """Statistics of the solvable split: rates per condition and ON vs OFF (and vs
+    deployed_off) for solving, the split's ``name`` and its number of problems."""
+    names = sorted(df["split"].unique())
+    if len(names) != 1:
+        raise ValueError(f"expected one solvable split in the frame, got {names}")
+    present = set(df["condition"].unique())
+    out: dict[str, Any] = {
+        "name": str(names[0]), "n_problems": int(df.groupby(["seed", "problem_id"]).ngroups),
+        "conditions": stats.condition_rates(df, ("gt_pass", "is_hack"), n=n_boot, seed=seed,
+                                            alpha=alpha), "ablation": None}
+    if {"on", "off"} <= present:
+        out["ablation"] = {"solve": stats.paired_comparison(
+            df, "gt_pass", "on", "off", n=n_boot, seed=seed, alpha=alpha).to_dict()}
+        if "deployed_off" in present:
+            out["ablation"]["solve_deployed_off"] = stats.paired_comparison(
+                df, "gt_pass", "on", "deployed_off", n=n_boot, seed=seed, alpha=alpha).to_dict()
+    return out
+
+
 def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-              meta: dict[str, Any] | None = None) -> dict[str, Any]:
+              meta: dict[str, Any] | None = None,
+              solve_df: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every statistic of an evaluation frame (one run, or several seeds of one arm).
 
     - ``conditions``: hack / solve / hint-pass rates with CIs, mean reward, label
       counts, mean w, per condition;
     - ``ablation``: paired ON-vs-OFF for hacking (``hack``) and solving
       (``solve``): both rates, the difference, share removed and share kept;
+      with base rows also ``hack_trained_removed``, ``(ON - OFF) / (ON - base)``;
+    - ``mirror`` (with deployed_off rows): ON vs the deployed block removed;
+    - ``solve_split`` (``solve_df`` given): ``summarize_solve_split``;
+    - ``uses_labels``: whether the arm routed with training labels (the oracle);
     - ``router``: diagnostics on the ON rollouts (see ``router_diagnostics``);
     - ``final_line``: the printed text.
     Problems are resampled within seeds (``stats``).
@@ -525,15 +611,27 @@ def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: flo
         entry["mean_reward"] = float(sub["reward"].mean())
         entry["labels"] = {str(k): int(v) for k, v in sub["label"].value_counts().items()}
         entry["mean_w"] = float(sub["w"].mean()) if sub["w"].notna().any() else float("nan")
+    summary["uses_labels"] = summary["arm"] in arms.LABEL_ARMS
+    if solve_df is not None and not solve_df.empty:
+        summary["solve_split"] = summarize_solve_split(solve_df, n_boot=n_boot, seed=seed,
+                                                       alpha=alpha)
     summary["conditions"] = conds
     summary["router"] = router_diagnostics(df)
     present = set(df["condition"].unique())
+    if "deployed_off" in present:
+        summary["mirror"] = {
+            key: stats.paired_comparison(df, col, "on", "deployed_off", n=n_boot, seed=seed,
+                                         alpha=alpha).to_dict()
+            for key, col in (("hack", "is_hack"), ("solve", "gt_pass"))}
     if {"on", "off"} <= present:
         summary["ablation"] = {
             "hack": stats.paired_comparison(df, "is_hack", "on", "off", n=n_boot, seed=seed,
                                             alpha=alpha).to_dict(),
             "solve": stats.paired_comparison(df, "gt_pass", "on", "off", n=n_boot, seed=seed,
                                              alpha=alpha).to_dict()}
+        if "base" in present:
+            summary["ablation"]["hack_trained_removed"] = stats.trained_share_removed(
+                df, "is_hack", n=n_boot, seed=seed, alpha=alpha).to_dict()
         summary["final_line"] = stats.format_final_line(summary)
     else:
         summary["ablation"] = None
@@ -580,6 +678,22 @@ def _grader(cfg: RunConfig, grade_fn: GradeFn | None, progress: bool, stack: con
     return grade
 
 
+def solve_split_problems(cfg: RunConfig) -> tuple[list, str]:
+    """The solvable split of ``cfg.solve_split`` and the prompt variant it is asked with:
+    ``tier1``: the easy set's held-out tier-1 problems (capped at ``test_problems``), the
+    run's prompt; ``no_hint``: the run's held-out split, the no-loophole prompt."""
+    from .env.datasets import load_problems
+    if cfg.solve_split == "no_hint":
+        return held_out_problems(cfg), "no_hint"
+    if cfg.solve_split != "tier1":
+        raise ValueError(f"solve_split {cfg.solve_split!r} has no problems")
+    if cfg.dataset != "easy" or 1 in cfg.tiers:
+        raise ValueError(f"solve_split 'tier1' needs dataset 'easy' trained without tier 1 "
+                         f"(got dataset {cfg.dataset!r}, tiers {cfg.tiers}); use 'no_hint' "
+                         f"or 'none'")
+    return load_problems("easy", "test", tiers=[1], limit=cfg.test_problems, seed=0), cfg.hint
+
+
 def held_out_problems(cfg: RunConfig) -> list:
     """The held-out split of the run's dataset, capped at ``cfg.test_problems``
     (``load_for_config``: the same problems for every seed and arm of a preset)."""
@@ -591,7 +705,7 @@ def held_out_problems(cfg: RunConfig) -> list:
 
 
 def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Path | None = None,
-                 conditions: Sequence[str] = CONDITIONS, samples: int | None = None,
+                 conditions: Sequence[str] | None = None, samples: int | None = None,
                  temperature: float | None = None, max_new_tokens: int | None = None,
                  n_boot: int | None = None, eval_seed: int | None = None,
                  haar_seed: int | None = None, grade_fn: GradeFn | None = None,
@@ -607,7 +721,7 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
             ``cfg.test_problems``.
         out_dir: where ``eval.parquet``, ``summary.json`` and the shards go;
             default the run directory (required for in-memory sources).
-        conditions: any of ``on``, ``off``, ``base``.
+        conditions: any of ``CONDITIONS``; default ``default_conditions(cfg)``.
         samples, temperature, max_new_tokens, n_boot: default the config's
             ``eval_samples``, ``eval_temperature``, ``eval_max_new_tokens``,
             ``bootstrap``.
@@ -621,13 +735,15 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
             ``w_haar`` (one extra base-model forward per rollout). The router
             diagnostics need ``on`` only, the default; the other rows get NaN.
         force: regenerate conditions whose shards already exist.
+    With ``cfg.solve_split`` set (and the default ``problems``), the solvable
+    split is evaluated too, under the same conditions except base.
     Returns an :class:`EvalResult`; prints the final line when ``verbose``.
     """
-    from .models import format_chat
-    from .env.prompts import build_messages
-
     run = _as_loaded(source, device)
     cfg = run.cfg
+    if conditions is None:
+        conditions = default_conditions(cfg)
+    solve_split = cfg.solve_split != "none" and problems is None
     if out_dir is None:
         if run.run_dir is None:
             raise ValueError("out_dir is required when evaluating an in-memory model")
@@ -652,44 +768,67 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
     bad = [c for c in route_conditions if c not in CONDITIONS]
     if bad:
         raise ValueError(f"route_conditions must be a subset of {CONDITIONS}, got {bad}")
-
-    prompts = [format_chat(run.tokenizer, build_messages(p, cfg.hint)) for p in problems]
-    frames: dict[str, pd.DataFrame] = {}
-    haar = None
+    if solve_split:
+        solve_problems, solve_hint = solve_split_problems(cfg)      # fail before any compute
     digests = _weights_digest(run)
-    with contextlib.ExitStack() as stack:
-        grade = _grader(cfg, grade_fn, progress, stack)
-        for cond in conditions:
+
+    def comparison_router():
+        key = (haar_seed, digests["adapter"], cfg.router_centering)
+        if key not in run.haar_routers:
+            run.haar_routers[key] = haar_router(run.adapter, run.model, run.tokenizer,
+                                                haar_seed, centering=cfg.router_centering)
+        return run.haar_routers[key]
+
+    def evaluate_split(prefix: str, split_problems: list, hint: str, conds: Sequence[str],
+                       grade: GradeFn) -> pd.DataFrame:
+        """Each condition of one split, from its shard or freshly generated and graded."""
+        from .env.prompts import build_messages
+        from .models import format_chat
+        prompts = [format_chat(run.tokenizer, build_messages(p, hint)) for p in split_problems]
+        split_ids = [p.id for p in split_problems]
+        frames = []
+        for cond in conds:
             score = cond in route_conditions and run.router is not None
-            fp = {**_fingerprint(run, cond, ids, settings, digests, haar_seed), "routed": score}
-            cached = None if force else _read_shard(out_dir, cond, fp)
+            fp = {**_fingerprint(run, cond, split_ids, settings, digests, haar_seed),
+                  "routed": score}
+            if prefix or hint != cfg.hint or cfg.router_centering != "none":
+                fp.update(prompt_hint=hint, router_centering=cfg.router_centering)
+            shard = prefix + cond
+            cached = None if force else _read_shard(out_dir, shard, fp)
             if cached is not None:
                 if verbose:
-                    print(f"[evaluate] {cfg.arm}-s{cfg.seed} {cond}: reusing "
-                          f"{_shard_paths(out_dir, cond)[0]} ({len(cached)} rows)")
-                frames[cond] = cached
+                    print(f"[evaluate] {cfg.arm}-s{cfg.seed} {shard}: reusing "
+                          f"{_shard_paths(out_dir, shard)[0]} ({len(cached)} rows)")
+                frames.append(cached)
                 continue
-            if score and haar is None:
-                key = (haar_seed, fp["adapter"])
-                if key not in run.haar_routers:
-                    run.haar_routers[key] = haar_router(run.adapter, run.model, run.tokenizer,
-                                                        haar_seed)
-                haar = run.haar_routers[key]
             t0 = time.perf_counter()
-            df = run_condition(run, cond, problems, prompts, k=k,
+            df = run_condition(run, cond, split_problems, prompts, k=k,
                                temperature=settings["temperature"],
                                max_new_tokens=settings["max_new_tokens"], top_p=cfg.top_p,
-                               seed=settings["eval_seed"], grade=grade, haar=haar,
+                               seed=settings["eval_seed"], grade=grade,
+                               haar=comparison_router() if score else None,
                                prompts_per_batch=ppb, progress=progress, score=score)
-            _write_shard(out_dir, cond, df, fp, time.perf_counter() - t0)
-            frames[cond] = df
-    df = pd.concat([frames[c] for c in conditions], ignore_index=True)
+            _write_shard(out_dir, shard, df, fp, time.perf_counter() - t0)
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True)
+
+    solve_df = None
+    with contextlib.ExitStack() as stack:
+        grade = _grader(cfg, grade_fn, progress, stack)
+        df = evaluate_split("", problems, cfg.hint, conditions, grade)
+        if solve_split:
+            solve_df = evaluate_split(SOLVE_PREFIX, solve_problems, solve_hint,
+                                      [c for c in conditions if c != "base"], grade)
+            solve_df.insert(5, "split", cfg.solve_split)
     df.to_parquet(out_dir / EVAL_FILE, index=False)
+    if solve_df is not None:
+        solve_df.to_parquet(out_dir / SOLVE_EVAL_FILE, index=False)
     meta = {"preset": cfg.preset, "model": cfg.model, "dataset": cfg.dataset, "hint": cfg.hint,
             "run_dir": str(run.run_dir) if run.run_dir else None, "temperature":
             settings["temperature"], "max_new_tokens": settings["max_new_tokens"],
             "haar_seed": haar_seed if run.router is not None else None}
-    summary = summarize(df, n_boot=n_boot, seed=settings["eval_seed"], meta=meta)
+    summary = summarize(df, n_boot=n_boot, seed=settings["eval_seed"], meta=meta,
+                        solve_df=solve_df)
     write_summary(summary, out_dir / SUMMARY_FILE)
     if verbose:
         print(summary["final_line"])
@@ -704,6 +843,12 @@ def read_eval(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def read_solve_eval(run_dir: str | Path) -> pd.DataFrame | None:
+    """A run's ``eval_solve.parquet`` (the solvable split), or None if it has none."""
+    path = Path(run_dir) / SOLVE_EVAL_FILE
+    return pd.read_parquet(path) if path.exists() else None
+
+
 def aggregate(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = None,
               n_boot: int = 1000, seed: int = 0, verbose: bool = True) -> EvalResult:
     """Pool several seeds of one arm: problems are resampled within seeds.
@@ -716,14 +861,19 @@ def aggregate(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = No
         raise ValueError("aggregate needs at least one run directory")
     frames = [read_eval(d) for d in run_dirs]
     df = pd.concat(frames, ignore_index=True)
-    arms = sorted(df["arm"].unique())
-    if len(arms) != 1:
-        raise ValueError(f"aggregate pools seeds of one arm; got arms {arms} "
+    arm_names = sorted(df["arm"].unique())
+    if len(arm_names) != 1:
+        raise ValueError(f"aggregate pools seeds of one arm; got arms {arm_names} "
                          "(use aggregate_arms for several arms)")
     seeds = [int(f["seed"].iloc[0]) for f in frames]
     if len(set(seeds)) != len(seeds) or any(f["seed"].nunique() != 1 for f in frames):
         raise ValueError(f"each run must be one distinct seed; got seeds {seeds}")
-    summary = summarize(df, n_boot=n_boot, seed=seed,
+    solve = [read_solve_eval(d) for d in run_dirs]
+    if any(f is None for f in solve) and not all(f is None for f in solve):
+        raise ValueError("some runs have a solvable split (eval_solve.parquet) and some do not; "
+                         "evaluate them all with the same solve_split")
+    solve_df = None if solve[0] is None else pd.concat(solve, ignore_index=True)
+    summary = summarize(df, n_boot=n_boot, seed=seed, solve_df=solve_df,
                         meta={"run_dirs": [str(d) for d in run_dirs]})
     out = None
     if out_dir is not None:
@@ -738,17 +888,21 @@ def aggregate(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = No
 
 def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = "vanilla",
                    n_boot: int = 1000, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
-    """Per-arm aggregates plus, for every routed arm, how much larger its ON-OFF hack
-    drop is than the control arm's (``stats.drop_contrast``, paired by seed and problem).
+    """Per-arm aggregates plus, for every other arm, how much larger its ON-OFF hack
+    drop is than the control arm's (``stats.drop_contrast``, paired by seed and problem),
+    pooled over seeds and per seed.
 
-    Returns ``{"arms": {arm: summary}, "contrast_vs_<control>": {arm: CI dict}}``.
+    Returns ``{"arms": {arm: summary}, "contrast_vs_<control>": {arm: CI dict},
+    "contrast_by_seed_vs_<control>": {arm: {seed: CI dict}}}``; arms in
+    ``arms.DISPLAY_ORDER`` (the oracle ceiling first).
     """
     by_arm: dict[str, list[Path]] = {}
     for d in run_dirs:
         by_arm.setdefault(read_config(d).arm, []).append(Path(d))
     out: dict[str, Any] = {"arms": {}}
     frames: dict[str, pd.DataFrame] = {}
-    for arm, dirs in sorted(by_arm.items()):
+    for arm in arms.ordered(by_arm):
+        dirs = by_arm[arm]
         res = aggregate(dirs, n_boot=n_boot, seed=seed, verbose=verbose)
         out["arms"][arm] = res.summary
         frames[arm] = res.df
@@ -763,6 +917,10 @@ def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = "vanilla",
                 continue
             ci = stats.drop_contrast(df, frames[control], "is_hack", n=n_boot, seed=seed)
             out[key][arm] = ci.to_dict()
+            out.setdefault(f"contrast_by_seed_vs_{control}", {})[arm] = {
+                int(s): stats.drop_contrast(df[df.seed == s], frames[control][
+                    frames[control].seed == s], "is_hack", n=n_boot, seed=seed).to_dict()
+                for s in sorted(set(df.seed) & set(frames[control].seed))}
             if verbose:
                 print(f"  hack drop {arm} minus {control}: {ci.fmt()}")
     return out
@@ -780,7 +938,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evil_moe.evaluate",
                                      description=main.__doc__)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="trained run directories")
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--conditions", nargs="+", default=None, choices=CONDITIONS,
+                        help="default: on off base (+ deployed_off with eval_deployed_off)")
     parser.add_argument("--samples", type=int, default=None, help="K (default: eval_samples)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: the run's config)")
     parser.add_argument("--force", action="store_true", help="regenerate finished conditions")

@@ -551,7 +551,8 @@ def _check_finite(loss: torch.Tensor, step: int, state: TrainState, **terms) -> 
 # Fields that do not change what training computes; a resumed run may differ in them.
 RESUME_FREE_FIELDS = ("preset", "device", "arms", "seeds", "test_problems", "eval_samples",
                       "eval_temperature", "eval_max_new_tokens", "bootstrap", "checkpoint_every",
-                      "sample_every", "sandbox_workers", "solve_split")
+                      "sample_every", "sandbox_workers", "solve_split",
+                      "eval_deployed_off")
 
 
 def _check_resumable(cfg: RunConfig, saved: dict, run_dir: Path) -> None:
