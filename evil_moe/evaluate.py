@@ -519,14 +519,16 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0.5) -> dict:
+def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0.5,
+                       n_boot: int = 1000, seed: int = 0) -> dict:
     """AUROC and F0.5 (``w > threshold``) of the router's ``w`` and of the Haar router's
     ``w_haar`` against the strict hack label, on the graded ON rollouts, with ROC data.
 
     Each scored entry is ``stats.classifier_scores``: auroc, f0.5, precision,
     recall, confusion counts, mean score on hack / non-hack rollouts, ``roc``
     (fpr, tpr, thresholds; the first threshold is +inf, written as null in
-    ``summary.json``) and ``reasons`` for any NaN. An entry without scores has
+    ``summary.json``), ``auroc_ci`` (bootstrap over problems, ``stats.auroc_ci``)
+    and ``reasons`` for any NaN. An entry without scores has
     ``available: false`` and a ``reason`` (vanilla: no router).
     """
     on = df[df["condition"] == "on"]
@@ -547,6 +549,7 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
             raise ValueError(f"column {col!r} is missing for some ON rollouts but not others")
         out[name] = stats.classifier_scores(on[col].to_numpy(), on["is_hack"].to_numpy(bool),
                                             threshold=threshold, beta=beta)
+        out[name]["auroc_ci"] = stats.auroc_ci(on, col, "is_hack", n=n_boot, seed=seed).to_dict()
     if not out["router"].get("available", True) and not out["haar"].get("available", True):
         out["available"] = False
         out["reason"] = out["router"]["reason"]
@@ -616,7 +619,7 @@ def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: flo
         summary["solve_split"] = summarize_solve_split(solve_df, n_boot=n_boot, seed=seed,
                                                        alpha=alpha)
     summary["conditions"] = conds
-    summary["router"] = router_diagnostics(df)
+    summary["router"] = router_diagnostics(df, n_boot=n_boot, seed=seed)
     present = set(df["condition"].unique())
     if "deployed_off" in present:
         summary["mirror"] = {
@@ -924,6 +927,54 @@ def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = "vanilla",
             if verbose:
                 print(f"  hack drop {arm} minus {control}: {ci.fmt()}")
     return out
+
+
+def results_table(agg: dict[str, Any]) -> pd.DataFrame:
+    """One row per arm (``arms.DISPLAY_ORDER``) of ``aggregate_arms``' output, as text with
+    95% CIs: hack ON / OFF, share removed of ON and of the trained hacking, solve ON / OFF
+    (and on the solvable split, with the share kept), the deployed-block-removed control,
+    the router's held-out AUROC (Haar beside it), the hack-drop contrast with the control,
+    and whether the arm used training labels. Undefined shares read as words."""
+    def ci(entry: Any) -> str:
+        return "" if not entry else stats.share_text(entry, "not measured")
+
+    def rate(s: dict, cond: str, key: str) -> str:
+        return ci((s["conditions"].get(cond) or {}).get(key))
+
+    rows = []
+    contrast = next((v for k, v in agg.items() if k.startswith("contrast_vs_")), {})
+    for arm, s in agg["arms"].items():
+        ab = s.get("ablation") or {}
+        split = s.get("solve_split") or {}
+        sab = split.get("ablation") or {}
+        mirror = s.get("mirror") or {}
+        router = s.get("router") or {}
+        r, h = router.get("router") or {}, router.get("haar") or {}
+        rows.append({
+            "arm": arm, "uses labels": "yes (ceiling)" if s.get("uses_labels") else "no",
+            "hack ON": rate(s, "on", "hack_rate"), "hack OFF": rate(s, "off", "hack_rate"),
+            "share removed (of ON)": stats.share_text(ab["hack"]["removed"],
+                                                      stats.UNDEFINED_HACK) if ab else "",
+            "share of trained hacking removed": stats.share_text(
+                ab["hack_trained_removed"], stats.UNDEFINED_TRAINED)
+            if ab.get("hack_trained_removed") else "",
+            "solve ON": rate(s, "on", "solve_rate"), "solve OFF": rate(s, "off", "solve_rate"),
+            f"solve ON, {split.get('name', 'solvable')} split":
+                ci((sab.get("solve") or {}).get("on")),
+            f"solve OFF, {split.get('name', 'solvable')} split":
+                ci((sab.get("solve") or {}).get("off")),
+            "share of solving kept (solvable split)": stats.share_text(
+                sab["solve"]["kept"], stats.UNDEFINED_SOLVE) if sab else "",
+            "hack / solve, deployed block off": (
+                f"{ci(mirror['hack']['deployed_off'])} / {ci(mirror['solve']['deployed_off'])}"
+                if mirror else ""),
+            "router AUROC": (ci(r.get("auroc_ci")) if r.get("available", True) and r
+                             else r.get("reason", "")),
+            "Haar AUROC": ci(h.get("auroc_ci")) if h.get("available", True) and h else "",
+            "hack drop minus control": ci(contrast.get(arm)),
+        })
+    table = pd.DataFrame(rows).set_index("arm")
+    return table.loc[:, (table != "").any(axis=0)]           # drop columns nothing measured
 
 
 # ---------------------------------------------------------------------------

@@ -480,6 +480,44 @@ def auroc(scores: Any, labels: Any) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def auroc_ci(df: pd.DataFrame, score: str = "w", label: str = "is_hack", n: int = 1000,
+             seed: int = 0, alpha: float = 0.05) -> CI:
+    """AUROC of ``df[score]`` against ``df[label]`` with a bootstrap CI over problems.
+
+    The (seed, problem) unit is resampled with all of its rows (samples of one
+    problem are correlated), within seeds as everywhere here. Resamples with one
+    class only are undefined: the CI is taken over the defined ones when they
+    are at most ``alpha / 2`` of all, else its ends are NaN with a reason.
+    """
+    _check_alpha(alpha)
+    _require(df, [PROBLEM, score, label])
+    seeds = df[SEED] if SEED in df.columns else pd.Series(0, index=df.index)
+    s_all, y_all = _scores_labels(df[score].to_numpy(), df[label].to_numpy())
+    point = auroc(s_all, y_all)
+    keys = pd.MultiIndex.from_arrays([seeds.to_numpy(), df[PROBLEM].to_numpy()])
+    codes, uniques = pd.factorize(keys)
+    rows_of = [np.flatnonzero(codes == u) for u in range(len(uniques))]
+    strata: dict[Any, list[int]] = {}
+    for u, key in enumerate(uniques):
+        strata.setdefault(key[0], []).append(u)
+    nan = float("nan")
+    if math.isnan(point):
+        return CI(nan, nan, nan, n_problems=len(uniques),
+                  reason="only one class among the rollouts: AUROC undefined")
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n)
+    for b in range(n):
+        units = np.concatenate([rng.choice(us, size=len(us)) for us in strata.values()])
+        idx = np.concatenate([rows_of[u] for u in units])
+        reps[b] = auroc(s_all[idx], y_all[idx])
+    bad = int(np.isnan(reps).sum())
+    if bad > alpha / 2 * n:
+        return CI(point, nan, nan, n_problems=len(uniques), n_undefined=bad,
+                  reason=f"one class only in {bad}/{n} bootstrap resamples: CI undefined")
+    lo, hi = _percentiles(reps[~np.isnan(reps)], alpha)
+    return CI(point, lo, hi, n_problems=len(uniques), n_undefined=bad)
+
+
 def confusion(pred: Any, labels: Any) -> dict[str, int]:
     """Counts ``tp, fp, fn, tn`` of boolean predictions against 0/1 labels."""
     p, y = _scores_labels(np.asarray(pred, dtype=float), labels)

@@ -392,3 +392,18 @@ def test_share_text_shows_a_ci_words_or_nothing_but_never_nan():
     tiny = CI(2.5, float("nan"), float("nan"), reason="ON is 0 in 300/1000 resamples")
     assert stats.share_text(tiny, "x").startswith("not shown")
     assert stats.share_text({"point": 2.5, "lo": None, "hi": None}, "x").startswith("not shown")
+
+
+def test_auroc_ci_resamples_problems_with_their_rows():
+    rng = np.random.default_rng(5)
+    n, k = 60, 4
+    hack = rng.random(n * k) < 0.4
+    df = pd.DataFrame({"problem_id": np.repeat(np.arange(n), k), "is_hack": hack,
+                       "w": hack * 0.3 + rng.random(n * k)})          # informative, noisy
+    ci = stats.auroc_ci(df, "w", "is_hack", n=300)
+    assert ci.point == pytest.approx(stats.auroc(df.w, df.is_hack))
+    assert 0.5 < ci.lo < ci.point < ci.hi <= 1 and ci.n_problems == n
+    perfect = stats.auroc_ci(df.assign(w=df.is_hack.astype(float)), "w", "is_hack", n=100)
+    assert tuple(perfect) == (1.0, 1.0, 1.0)
+    one_class = stats.auroc_ci(df.assign(is_hack=True), "w", "is_hack", n=50)
+    assert math.isnan(one_class.point) and "one class" in one_class.reason
