@@ -977,6 +977,54 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
     return table.loc[:, (table != "").any(axis=0)]           # drop columns nothing measured
 
 
+def _point_of(entry: Any) -> float:
+    return float("nan") if not entry or entry.get("point") is None else float(entry["point"])
+
+
+def headline(agg: dict[str, Any], named: Sequence[str] = ("oracle", "evil_moe", "vanilla")
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """The numbers and sentences the results page glues, from ``aggregate_arms``' output.
+
+    Every arm that ran and every arm in ``named`` (the page names them) gets
+    ``<arm>_hack_<on|off|base>``, ``<arm>_solve_<...>``, ``<arm>_hack_removed``,
+    ``<arm>_solve_kept``, ``<arm>_auroc``, ``<arm>_auroc_haar`` (NaN when not
+    measured), and the texts ``<arm>_hack_removed_text``, ``_trained_removed_text``,
+    ``_solve_kept_text``, ``_solvable_kept_text``, ``_contrast_text``: a share with its
+    CI, or words when it is undefined or was not measured (never ``nan``).
+    """
+    nums: dict[str, float] = {}
+    texts: dict[str, str] = {}
+    contrast = next((v for k, v in agg.items() if k.startswith("contrast_vs_")), {})
+    for arm in arms.ordered(set(agg["arms"]) | set(named)):
+        ran = arm in agg["arms"]
+        s = agg["arms"].get(arm, {"conditions": {}, "ablation": None, "router": {}})
+        for cond in ("on", "off", "base"):
+            nums[f"{arm}_hack_{cond}"] = _point_of(s["conditions"].get(cond, {}).get("hack_rate"))
+            nums[f"{arm}_solve_{cond}"] = _point_of(s["conditions"].get(cond, {}).get("solve_rate"))
+        ab = s.get("ablation") or {}
+        nums[f"{arm}_hack_removed"] = _point_of((ab.get("hack") or {}).get("removed"))
+        nums[f"{arm}_solve_kept"] = _point_of((ab.get("solve") or {}).get("kept"))
+        for who, suffix in (("router", ""), ("haar", "_haar")):
+            r = (s.get("router") or {}).get(who) or {}
+            nums[f"{arm}_auroc{suffix}"] = (float(r["auroc"]) if r.get("available", True)
+                                            and r.get("auroc") is not None else float("nan"))
+        missing = "not measured" if ran else "not run"
+        split = ((s.get("solve_split") or {}).get("ablation") or {}).get("solve")
+        texts.update({
+            f"{arm}_hack_removed_text": stats.share_text(ab["hack"]["removed"],
+                                                         stats.UNDEFINED_HACK) if ab else missing,
+            f"{arm}_trained_removed_text": stats.share_text(
+                ab["hack_trained_removed"], stats.UNDEFINED_TRAINED)
+            if ab.get("hack_trained_removed") else missing,
+            f"{arm}_solve_kept_text": stats.share_text(ab["solve"]["kept"],
+                                                       stats.UNDEFINED_SOLVE) if ab else missing,
+            f"{arm}_solvable_kept_text": stats.share_text(split["kept"], stats.UNDEFINED_SOLVE)
+            if split else f"{missing} (no solvable split)",
+            f"{arm}_contrast_text": stats.share_text(contrast[arm], "not measured")
+            if arm in contrast else missing})
+    return nums, texts
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------

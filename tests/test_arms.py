@@ -45,3 +45,12 @@ def test_an_inconsistent_arm_is_rejected(kwargs, match):
 def test_unknown_arm_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown arm 'moe'; known arms: evil_moe, vanilla"):
         arms.get("moe")
+
+
+def test_cpu_study_is_cpu_demo_with_every_arm_three_seeds_and_the_new_measurements():
+    demo, study = config.load_preset("cpu-demo").to_dict(), config.load_preset("cpu-study").to_dict()
+    differ = {k for k in demo if demo[k] != study[k]}
+    assert differ == {"preset", "arms", "seeds", "solve_split", "eval_deployed_off"}
+    assert study["arms"] == list(arms.DISPLAY_ORDER) and study["seeds"] == [0, 1, 2]
+    assert (study["solve_split"], study["eval_deployed_off"]) == ("tier1", True)
+    assert 1 not in study["tiers"]                             # tier 1 is held out of training

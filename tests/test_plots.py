@@ -86,3 +86,50 @@ def test_contrast_plot_draws_each_arm_pooled_and_by_seed():
     seed_points = sorted(float(ln.get_ydata()[0]) for ln in ax.get_lines()
                          if ln.get_marker() == "x")
     assert seed_points == [0.1, 0.3, 0.4]
+
+
+def test_figures_notebook_runs_on_smoke_runs_of_several_arms(tmp_path, tiny):
+    """Real smoke runs (tiny model, one GRPO step, scripted grader) of the oracle, a routed
+    arm and the control: the figures notebook pools them and glues every figure and number
+    the results page reads."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import papermill
+
+    from evil_moe import evaluate, grpo, paths, pipeline
+    from evil_moe.config import load_preset
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scripted_grader import scripted_verdicts
+
+    runs = tmp_path / "runs"
+    for arm in ("vanilla", "oracle", "evil_moe"):
+        d = paths.run_dir("smoke", arm, 0, root=runs)
+        cfg = load_preset("smoke", arm=arm, steps=1, test_problems=2, eval_samples=2,
+                          bootstrap=50, eval_deployed_off=True)
+        if arm == "evil_moe":
+            grpo.extract_v_act_for_run(cfg, d, model_and_tokenizer=tiny)
+        grpo.train(cfg, d, grade_fn=scripted_verdicts, progress=False,
+                   model_and_tokenizer=tiny).adapter.remove()
+        run = evaluate.load_run(d, device="cpu")
+        evaluate.evaluate_run(run, grade_fn=scripted_verdicts, progress=False, verbose=False)
+        run.adapter.remove()
+    out = tmp_path / "04.ipynb"
+    papermill.execute_notebook(str(paths.REPO_ROOT / "notebooks" / "04_figures.ipynb"), str(out),
+                               parameters={"preset": "smoke", "runs_root": str(runs)},
+                               kernel_name=pipeline.KERNEL_NAME, cwd=str(tmp_path),
+                               progress_bar=False)
+    prefix = "application/papermill.record/"
+    glued = {o["metadata"]["scrapbook"]["name"]: {k.removeprefix(prefix): v
+                                                  for k, v in o["data"].items()}
+             for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])
+             if "scrapbook" in o.get("metadata", {})}
+    for key in ("fig_on_off", "fig_contrast", "fig_w_hist", "fig_roc", "fig_training"):
+        assert "image/png" in glued[key], key
+    assert "text/html" in glued["table_arms"] and "oracle" in glued["table_arms"]["text/html"]
+    assert glued["oracle_hack_removed_text"]["text/markdown"] != "nan"
+    assert glued["n_runs"]["text/plain"] == "3"
+    for arm in ("oracle", "evil_moe", "vanilla"):
+        assert f"{arm}_hack_on" in glued and f"{arm}_contrast_text" in glued
+    assert glued["vanilla_contrast_text"]["text/markdown"] == "not measured"
