@@ -935,8 +935,9 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
     (and on the solvable split, with the share kept), the deployed-block-removed control,
     the router's held-out AUROC (Haar beside it), the hack-drop contrast with the control,
     and whether the arm used training labels. Undefined shares read as words."""
-    def ci(entry: Any) -> str:
-        return "" if not entry else stats.share_text(entry, "not measured")
+    def ci(entry: Any, undefined: str = "not measured") -> str:
+        return "" if not entry else stats.share_text(entry, (entry or {}).get("reason")
+                                                     or undefined)
 
     def rate(s: dict, cond: str, key: str) -> str:
         return ci((s["conditions"].get(cond) or {}).get(key))
@@ -1022,7 +1023,37 @@ def headline(agg: dict[str, Any], named: Sequence[str] = ("oracle", "evil_moe", 
             if split else f"{missing} (no solvable split)",
             f"{arm}_contrast_text": stats.share_text(contrast[arm], "not measured")
             if arm in contrast else missing})
+        for who, suffix in (("router", ""), ("haar", "_haar")):
+            r = (s.get("router") or {}).get(who) or {}
+            entry = r.get("auroc_ci")
+            texts[f"{arm}_auroc{suffix}_text"] = (
+                stats.share_text(entry, entry.get("reason") or "not measured") if entry
+                else r.get("reason") or missing)
     return nums, texts
+
+
+def training_separation(metrics: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per run (``{name: metrics.jsonl frame}``), as text: the mean over steps of the
+    on-policy AUROC of ``w`` against the training rollouts' strict hack labels, and the
+    last step's mean ``w`` on hack and non-hack rollouts (measurement only). A run without
+    ``w`` (vanilla) reads "no w"; an AUROC undefined on every step (one class) says so."""
+    def text(x: float, undefined: str) -> str:
+        return undefined if x is None or math.isnan(x) else f"{x:.3f}"
+
+    rows = {}
+    for name, df in metrics.items():
+        has_w = bool(df["w_mean"].notna().any())
+        auroc = df["w_auroc"].mean() if "w_auroc" in df and has_w else float("nan")
+        none = "no w (no routing)"
+        rows[name] = {
+            "mean w AUROC": text(auroc, "undefined: one class on every step" if has_w else none),
+            "last w on hacks": text(df["w_hack"].iloc[-1], "no hack at the last step"
+                                    if has_w else none),
+            "last w on the rest": text(df["w_not_hack"].iloc[-1], "only hacks at the last step"
+                                       if has_w else none),
+            "uses labels": "yes (ceiling)" if "uses_labels" in df and bool(
+                df["uses_labels"].iloc[-1]) else "no"}
+    return pd.DataFrame(rows).T
 
 
 # ---------------------------------------------------------------------------

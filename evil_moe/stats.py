@@ -503,7 +503,7 @@ def auroc_ci(df: pd.DataFrame, score: str = "w", label: str = "is_hack", n: int 
     nan = float("nan")
     if math.isnan(point):
         return CI(nan, nan, nan, n_problems=len(uniques),
-                  reason="only one class among the rollouts: AUROC undefined")
+                  reason="only one class among the rollouts")
     rng = np.random.default_rng(seed)
     reps = np.empty(n)
     for b in range(n):

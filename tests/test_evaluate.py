@@ -461,3 +461,30 @@ def test_aggregate_arms_orders_the_ceiling_first_and_contrasts_by_seed(tmp_path)
     assert set(by_seed) == {"oracle", "evil_moe"} and set(by_seed["evil_moe"]) == {0, 1}
     for arm in ("oracle", "evil_moe"):
         assert all(c["lo"] > 0.2 for c in by_seed[arm].values())
+
+
+def test_group_centring_at_evaluation_uses_the_k_samples_of_a_problem(hacking_run, tmp_path,
+                                                                      monkeypatch):
+    import torch
+
+    from evil_moe.router import center_groups
+    run, problems, _ = hacking_run
+    seen = []
+    real = evaluate.pooled_features
+
+    def recording(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(evaluate, "pooled_features", recording)
+    centred = evaluate.LoadedRun(run.model, run.tokenizer, run.adapter, run.router,
+                                 run.cfg.replace(router_centering="group"), None)
+    res = evaluate.evaluate_run(centred, problems, out_dir=tmp_path, conditions=("on",),
+                                grade_fn=lambda p, t: scripted_verdicts(p, t),
+                                progress=False, verbose=False)
+    (feats,) = seen                                           # [P * K, M, r], problem-major
+    with torch.no_grad():
+        expected = run.router(center_groups(feats, run.cfg.eval_samples)).numpy()
+        uncentred = run.router(feats).numpy()
+    np.testing.assert_allclose(res.df.w.to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(res.df.w.to_numpy(), uncentred)
