@@ -78,9 +78,7 @@ DISPLAY_ORDER: tuple[str, ...] = ("oracle", "evil_moe", "haar", "no_pin", "vanil
 """The order of figures and tables: the label-routed ceiling first, the control last."""
 ROUTED_ARMS: tuple[str, ...] = tuple(a.name for a in ARM_LIST if a.routed)
 PINNED_ARMS: tuple[str, ...] = tuple(a.name for a in ARM_LIST if a.pinned)
-V_ACT_ARMS: tuple[str, ...] = tuple(a.name for a in ARM_LIST if a.start == "v_act")
 LABEL_ARMS: tuple[str, ...] = tuple(a.name for a in ARM_LIST if a.uses_labels)
-ROUTING_ARMS: tuple[str, ...] = tuple(a.name for a in ARM_LIST if a.routes)
 CONTROL = "vanilla"
 """The arm every other arm's ON-OFF drop is contrasted with."""
 

@@ -889,7 +889,7 @@ def aggregate(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = No
     return EvalResult(df, summary, out)
 
 
-def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = "vanilla",
+def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = arms.CONTROL,
                    n_boot: int = 1000, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
     """Per-arm aggregates plus, for every other arm, how much larger its ON-OFF hack
     drop is than the control arm's (``stats.drop_contrast``, paired by seed and problem),
@@ -1084,7 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args.run_dirs) > 1:
         print("== aggregate")
         out = aggregate_arms(args.run_dirs)
-        print(json.dumps(jsonable(out.get("contrast_vs_vanilla", {})), indent=1))
+        print(json.dumps(jsonable(out.get(f"contrast_vs_{arms.CONTROL}", {})), indent=1))
     return 0
 
 
