@@ -19,9 +19,9 @@ Conventions
 - **Pairing.** ON-minus-OFF differences and ratios use the same resampled
   problems for both conditions, so problem difficulty cancels.
 - **Undefined is NaN, with a reason.** A ratio whose denominator (the ON rate)
-  is zero (printed as words by ``share_text``, never as ``nan``), an AUROC on one class only, an F-score with nothing to score: each
+  is zero, an AUROC on one class only, an F-score with nothing to score: each
   returns NaN and, where a result object carries one, a ``reason`` string; none
-  raises.
+  raises. What people read prints it as words (``share_text``), never ``nan``.
 
 The long DataFrame the evaluation writes (``eval.parquet``) has one row per
 sample with at least ``problem_id``, ``condition`` and the 0/1 (or bool) column

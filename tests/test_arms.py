@@ -7,7 +7,8 @@ from evil_moe import arms, config, evaluate, grpo, plots
 
 def test_each_arm_has_the_properties_of_its_design():
     a = arms.BY_NAME
-    assert (a["evil_moe"].routed, a["evil_moe"].pinned, a["evil_moe"].start) == (True, True, "v_act")
+    assert (a["evil_moe"].routed, a["evil_moe"].pinned, a["evil_moe"].start) == (
+        True, True, "v_act")
     assert (a["haar"].routed, a["haar"].pinned, a["haar"].start) == (True, True, "haar")
     assert (a["no_pin"].routed, a["no_pin"].pinned, a["no_pin"].start) == (True, False, "v_act")
     assert (a["vanilla"].routed, a["vanilla"].routes, a["vanilla"].start) == (False, False, None)
@@ -48,7 +49,8 @@ def test_unknown_arm_names_the_known_ones():
 
 
 def test_cpu_study_is_cpu_demo_with_every_arm_three_seeds_and_the_new_measurements():
-    demo, study = config.load_preset("cpu-demo").to_dict(), config.load_preset("cpu-study").to_dict()
+    demo = config.load_preset("cpu-demo").to_dict()
+    study = config.load_preset("cpu-study").to_dict()
     differ = {k for k in demo if demo[k] != study[k]}
     assert differ == {"preset", "arms", "seeds", "solve_split", "eval_deployed_off"}
     assert study["arms"] == list(arms.DISPLAY_ORDER) and study["seeds"] == [0, 1, 2]

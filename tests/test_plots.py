@@ -53,7 +53,8 @@ def _summary(hack_on, hack_off, with_split=False):
     s = {"conditions": {c: {"hack_rate": ci(h), "solve_rate": ci(0.1)}
                         for c, h in (("on", hack_on), ("off", hack_off), ("base", 0.2))}}
     if with_split:
-        s["solve_split"] = {"conditions": {"on": {"gt_pass": ci(0.5)}, "off": {"gt_pass": ci(0.45)}}}
+        s["solve_split"] = {"conditions": {"on": {"gt_pass": ci(0.5)},
+                                           "off": {"gt_pass": ci(0.45)}}}
     return s
 
 
