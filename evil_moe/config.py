@@ -21,9 +21,10 @@ from typing import Any
 
 import yaml
 
+from . import arms as _arms
 from . import paths
 
-ARMS = ("evil_moe", "vanilla", "haar", "no_pin")
+ARMS = _arms.ARMS
 HINTS = ("overwrite_tests", "overwrite_tests_aware", "overwrite_tests_detailed", "no_hint")
 DATASETS = ("easy", "humaneval", "leetcode")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -51,9 +52,7 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 class RunConfig:
     # ---- identity -------------------------------------------------------------
     preset: str = _f("smoke", "Name of the preset this config came from (set by load_preset).")
-    arm: str = _f("evil_moe", "Training arm: evil_moe (router from v_act + pin loss), vanilla "
-                  "(no routing; block [r:] is the matched control), haar (router from a "
-                  "Haar-random direction + pin), no_pin (router from v_act, no pin loss).",
+    arm: str = _f("evil_moe", "Training arm (evil_moe.arms): " + _arms.help_text(),
                   choices=ARMS)
     seed: int = _f(0, "Seed for every random number generator of the run.", min=0)
     expected_minutes: float = _f(0.0, "Measured wall time of the preset's whole pipeline "
@@ -122,7 +121,33 @@ class RunConfig:
                                    choices=TARGET_MODULES)
     router_lr: float = _f(1e-3, "Learning rate of the router (gate, scale, bias).", gt=0)
     lambda_pin: float = _f(1.0, "Weight of the pin loss on the authored pairs (ignored by "
-                           "no_pin and vanilla).", min=0)
+                           "the arms without it: " + ", ".join(
+                               a for a in ARMS if not _arms.get(a).pinned) + ").", min=0)
+    router_centering: str = _f("none", "What the router reads: 'none' (the pooled features as "
+                               "they are) or 'group' (each rollout's features minus the mean of "
+                               "its GRPO group, the G rollouts of one prompt, so the prompt's "
+                               "share cancels and what is left is the behaviour; at evaluation "
+                               "the K samples of a problem are the group; each authored pair's "
+                               "two sides are a group of two). Label-free.",
+                               choices=("none", "group"))
+    router_calibration: str = _f("pairs", "How the router's logits are scaled: 'pairs' (scale "
+                                 "and bias set once from the authored pairs, then learned) or "
+                                 "'batch' (each step's rollout projections are standardised "
+                                 "to zero mean, unit variance with the batch's own statistics, "
+                                 "as in batch norm; a running mean/std of them, momentum "
+                                 "router_stats_momentum, is used at evaluation; the pairs only "
+                                 "orient the sign). Label-free: it uses every rollout's "
+                                 "features, never grader output.", choices=("pairs", "batch"))
+    router_stats_momentum: float = _f(0.1, "With router_calibration 'batch': the running "
+                                      "statistics move by this share of the step's batch "
+                                      "statistics (the first step sets them).", gt=0, max=1)
+    oracle_label_recall: float = _f(1.0, "oracle arm only: the share of training hack labels "
+                                    "it sees (each hack rollout is routed as a hack with this "
+                                    "probability, seeded by (seed, step); the rest are routed "
+                                    "as clean). The oracle uses the grader's training labels "
+                                    "on purpose, as the ceiling for the label-free arms; this "
+                                    "knob shows how much label the learned router has to "
+                                    "replace.", min=0, max=1)
 
     # ---- GRPO -------------------------------------------------------------------
     steps: int = _f(2, "GRPO steps.", min=1)
@@ -169,6 +194,18 @@ class RunConfig:
     eval_temperature: float = _f(0.7, "Sampling temperature of the evaluation.", gt=0)
     eval_max_new_tokens: int = _f(48, "Cap on generated tokens per evaluation sample.", min=1)
     bootstrap: int = _f(1000, "Bootstrap resamples for the confidence intervals.", min=10)
+    eval_deployed_off: bool = _f(False, "Also evaluate arms that route (a router or the "
+                                 "oracle's labels) with their deployed block removed instead, "
+                                 "the hack expert kept: the seed's other matched control (if "
+                                 "routing localized, it keeps the hacking and costs the "
+                                 "solving). One more condition to generate and grade.")
+    solve_split: str = _f("none", "A second held-out split where the trained model solves "
+                          "often enough for 'solving is kept' to be measured: 'none', 'tier1' "
+                          "(the easy set's held-out tier-1 problems, with the run's prompt; "
+                          "easy dataset only, and tier 1 must not be a training tier) or "
+                          "'no_hint' (the run's held-out split with the no-loophole prompt). "
+                          "Evaluated ON, OFF and with the deployed block removed; capped at "
+                          "test_problems.", choices=("none", "tier1", "no_hint"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,11 +6,22 @@ For one trained run (DESIGN.md section 3, step 3):
   model as trained;
 - **off**: the hack block reset to its init (``adapter.merged(hack=False)``),
   the model as deployed;
-- **base**: the adapter disabled, the reference row.
+- **base**: the adapter disabled, the reference row;
+- **deployed_off** (``RunConfig.eval_deployed_off``, arms that route): the
+  deployed block reset instead, the hack expert kept. The seed's other matched
+  control: if routing localized, it keeps the hacking and costs the solving,
+  the mirror image of OFF.
 
 For the ``vanilla`` arm the same code path removes its block ``[r:]``, which is
 the matched-capacity control: an equally large block of a model trained
-without routing.
+without routing. The ``oracle`` arm (routed by training labels) has no router:
+its OFF is the same hack-block removal, and router diagnostics do not apply.
+
+With ``RunConfig.solve_split`` set, a second held-out split where the model
+solves often enough (``tier1``: the easy set's held-out tier-1 problems;
+``no_hint``: the test split without the loophole sentence) is evaluated ON,
+OFF (and deployed_off), so the share of solving kept has a usable CI; its rows
+go to ``eval_solve.parquet`` and its statistics to ``summary["solve_split"]``.
 
 Every condition samples K completions per held-out problem with the same
 sampling seeds and grades them in the sandbox. The ON rollouts (any condition
@@ -46,16 +57,20 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, stats
+from . import arms, checkpoint, stats
 from .config import RunConfig, from_dict
 
-CONDITIONS = ("on", "off", "base")
+CONDITIONS = ("on", "off", "base", "deployed_off")
+"""Every condition ``evaluate_run`` knows; ``default_conditions`` picks a run's."""
 EVAL_FILE = "eval.parquet"
+SOLVE_EVAL_FILE = "eval_solve.parquet"
+SOLVE_PREFIX = "solve_"
+"""Shards of the solvable split are ``eval_shards/solve_<condition>.parquet``."""
 SUMMARY_FILE = "summary.json"
 SHARD_DIR = "eval_shards"
 CONFIG_FILE = "config.json"
 V_ACT_FILE = "v_act.safetensors"
-ROUTED_ARMS = ("evil_moe", "haar", "no_pin")
+ROUTED_ARMS = arms.ROUTED_ARMS
 HAAR_SEED_OFFSET = 2000
 """The comparison router's direction uses ``seed + 2000``; the ``haar`` training arm
 starts from ``seed + 1000``, so the comparison is never the haar arm's own init."""
@@ -136,15 +151,17 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         if not path.exists():
             raise FileNotFoundError(f"arm {cfg.arm!r} is routed but {path} does not exist")
         router = _router_from_state(load_file(str(path)), len(adapter.module_names),
-                                    adapter.rank, model.device)
+                                    adapter.rank, model.device, cfg.router_calibration)
     return LoadedRun(model, tok, adapter, router, cfg, run_dir)
 
 
-def _router_from_state(state: dict[str, torch.Tensor], num_modules: int, rank: int, device):
-    """A HackRouter with the saved weights (the direction placeholder is overwritten)."""
+def _router_from_state(state: dict[str, torch.Tensor], num_modules: int, rank: int, device,
+                       calibration: str = "pairs"):
+    """A HackRouter with the saved weights (the direction placeholder is overwritten), in
+    eval mode: under 'batch' calibration it standardises with its saved running statistics."""
     from .router import HackRouter
     from .vact import haar_direction
-    router = HackRouter(haar_direction(num_modules, rank, seed=0))
+    router = HackRouter(haar_direction(num_modules, rank, seed=0), calibration)
     router.load_state_dict(state)
     return router.to(device).eval()
 
@@ -165,14 +182,43 @@ def _as_loaded(source: Any, device: str | None) -> LoadedRun:
 # ---------------------------------------------------------------------------
 
 
+def default_conditions(cfg: RunConfig) -> tuple[str, ...]:
+    """on, off, base; plus deployed_off for an arm that routes when ``eval_deployed_off``."""
+    mirror = cfg.eval_deployed_off and arms.get(cfg.arm).routes
+    return ("on", "off", "base") + (("deployed_off",) if mirror else ())
+
+
+@contextlib.contextmanager
+def _deployed_removed(adapter):
+    """The deployed block ``A[:r], B[:, :r]`` reset to its init in place (net zero), the
+    hack expert kept, then merged for generation; the trained values come back bitwise."""
+    r = adapter.rank
+    saved = [(layer.A[:r].detach().clone(), layer.B[:, :r].detach().clone())
+             for layer in adapter.layers]
+    with torch.no_grad():
+        for layer in adapter.layers:
+            layer.A[:r] = layer.A0[:r]
+            layer.B[:, :r] = layer.B0[:, :r]
+    try:
+        with adapter.merged(hack=True):
+            yield
+    finally:
+        with torch.no_grad():
+            for layer, (a, b) in zip(adapter.layers, saved):
+                layer.A[:r] = a
+                layer.B[:, :r] = b
+
+
 def condition_context(adapter, condition: str):
-    """The adapter mode of a condition: on / off / base."""
+    """The adapter mode of a condition: on / off / base / deployed_off."""
     if condition == "on":
         return adapter.merged(hack=True)
     if condition == "off":
         return adapter.merged(hack=False)
     if condition == "base":
         return adapter.disable()
+    if condition == "deployed_off":
+        return _deployed_removed(adapter)
     raise ValueError(f"unknown condition {condition!r}; allowed: {', '.join(CONDITIONS)}")
 
 
@@ -270,21 +316,27 @@ def pooled_features(model, adapter, prompt_ids: Sequence[Sequence[int]],
     return torch.cat(out)
 
 
-def haar_router(adapter, model, tokenizer, seed: int, calibrate: bool = True):
+def haar_router(adapter, model, tokenizer, seed: int, calibrate: bool = True,
+                centering: str = "none"):
     """An untrained router from a Haar-random direction: the chance-level comparison.
 
-    Calibrated on the authored pairs as training initialises its router
+    Calibrated on the authored pairs as training initialises a 'pairs' router
     (``HackRouter.calibrate`` on base-model pooled pair features, under the
-    adapter's current ``A[:r]``), so its ``w > 0.5`` call is set the same way.
+    adapter's current ``A[:r]``; each pair centred as a group of two when
+    ``centering`` is 'group', as the run's router reads them), so its ``w > 0.5``
+    call is set the same way. Its AUROC, the chance baseline, does not depend on
+    the calibration (a monotone map of the score).
     """
     from .pairs import load_pairs
-    from .router import HackRouter
+    from .router import HackRouter, center_pairs
     from .vact import haar_direction, pair_features
     router = HackRouter(haar_direction(len(adapter.module_names), adapter.rank, seed=seed))
     router = router.to(next(model.parameters()).device)
     if calibrate:
         with torch.no_grad(), adapter.disable():
             hack_f, clean_f = pair_features(model, tokenizer, adapter, load_pairs())
+        if centering == "group":
+            hack_f, clean_f = center_pairs(hack_f, clean_f)
         router.calibrate(hack_f, clean_f)
     return router.eval()
 
@@ -389,8 +441,10 @@ def run_condition(run: LoadedRun, condition: str, problems: list, prompts: list[
 
     ``w`` (the run's router) and ``w_haar`` (the comparison router) come from
     base-model pooled features of prompt + completion, as in training, so a
-    rollout gets the weight the router would have given it during training.
-    Unscored rows (``score=False``, or no router) have NaN weights.
+    rollout gets the weight the router would have given it during training;
+    with ``router_centering='group'`` the K samples of a problem are its group
+    (as the G rollouts of a prompt are in training). Unscored rows
+    (``score=False``, or no router) have NaN weights.
     """
     cfg, model, tok, adapter = run.cfg, run.model, run.tokenizer, run.adapter
     with torch.no_grad(), condition_context(adapter, condition):
@@ -414,6 +468,9 @@ def run_condition(run: LoadedRun, condition: str, problems: list, prompts: list[
         feats = pooled_features(model, adapter, prompt_ids, ids, tok.pad_token_id,
                                 rows_per_batch=cfg.micro_batch_size,
                                 autocast_bf16=cfg.bf16_autocast)
+        if cfg.router_centering == "group":
+            from .router import center_groups
+            feats = center_groups(feats, k)
         w = _router_w(run.router, feats)
         w_haar = _router_w(haar, feats)
 
@@ -456,14 +513,16 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0.5) -> dict:
+def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0.5,
+                       n_boot: int = 1000, seed: int = 0) -> dict:
     """AUROC and F0.5 (``w > threshold``) of the router's ``w`` and of the Haar router's
     ``w_haar`` against the strict hack label, on the graded ON rollouts, with ROC data.
 
     Each scored entry is ``stats.classifier_scores``: auroc, f0.5, precision,
     recall, confusion counts, mean score on hack / non-hack rollouts, ``roc``
     (fpr, tpr, thresholds; the first threshold is +inf, written as null in
-    ``summary.json``) and ``reasons`` for any NaN. An entry without scores has
+    ``summary.json``), ``auroc_ci`` (bootstrap over problems, ``stats.auroc_ci``)
+    and ``reasons`` for any NaN. An entry without scores has
     ``available: false`` and a ``reason`` (vanilla: no router).
     """
     on = df[df["condition"] == "on"]
@@ -471,30 +530,60 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
         return {"available": False, "reason": "no ON rollouts were evaluated"}
     out: dict[str, Any] = {"available": True, "n_rollouts": int(len(on)),
                            "n_hack": int(on["is_hack"].sum()), "threshold": threshold}
+    arm = str(on["arm"].iloc[0])
+    no_router = (f"not applicable: arm {arm!r} routes by the grader's training labels and has "
+                 "no router" if arm in arms.LABEL_ARMS else f"arm {arm!r} has no router")
     for name, col in (("router", "w"), ("haar", "w_haar")):
         if col not in on or on[col].isna().all():
             out[name] = {"available": False,
-                         "reason": f"arm {on['arm'].iloc[0]!r} has no router" if name == "router"
+                         "reason": no_router if name == "router"
                          else "no Haar comparison router was scored"}
             continue
         if on[col].isna().any():
             raise ValueError(f"column {col!r} is missing for some ON rollouts but not others")
         out[name] = stats.classifier_scores(on[col].to_numpy(), on["is_hack"].to_numpy(bool),
                                             threshold=threshold, beta=beta)
+        out[name]["auroc_ci"] = stats.auroc_ci(on, col, "is_hack", n=n_boot, seed=seed).to_dict()
     if not out["router"].get("available", True) and not out["haar"].get("available", True):
         out["available"] = False
         out["reason"] = out["router"]["reason"]
     return out
 
 
+def summarize_solve_split(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                          alpha: float = 0.05) -> dict[str, Any]:
+    """Statistics of the solvable split: rates per condition and ON vs OFF (and vs
+    deployed_off) for solving, the split's ``name`` and its number of problems."""
+    names = sorted(df["split"].unique())
+    if len(names) != 1:
+        raise ValueError(f"expected one solvable split in the frame, got {names}")
+    present = set(df["condition"].unique())
+    out: dict[str, Any] = {
+        "name": str(names[0]), "n_problems": int(df.groupby(["seed", "problem_id"]).ngroups),
+        "conditions": stats.condition_rates(df, ("gt_pass", "is_hack"), n=n_boot, seed=seed,
+                                            alpha=alpha), "ablation": None}
+    if {"on", "off"} <= present:
+        out["ablation"] = {"solve": stats.paired_comparison(
+            df, "gt_pass", "on", "off", n=n_boot, seed=seed, alpha=alpha).to_dict()}
+        if "deployed_off" in present:
+            out["ablation"]["solve_deployed_off"] = stats.paired_comparison(
+                df, "gt_pass", "on", "deployed_off", n=n_boot, seed=seed, alpha=alpha).to_dict()
+    return out
+
+
 def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-              meta: dict[str, Any] | None = None) -> dict[str, Any]:
+              meta: dict[str, Any] | None = None,
+              solve_df: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every statistic of an evaluation frame (one run, or several seeds of one arm).
 
     - ``conditions``: hack / solve / hint-pass rates with CIs, mean reward, label
       counts, mean w, per condition;
     - ``ablation``: paired ON-vs-OFF for hacking (``hack``) and solving
       (``solve``): both rates, the difference, share removed and share kept;
+      with base rows also ``hack_trained_removed``, ``(ON - OFF) / (ON - base)``;
+    - ``mirror`` (with deployed_off rows): ON vs the deployed block removed;
+    - ``solve_split`` (``solve_df`` given): ``summarize_solve_split``;
+    - ``uses_labels``: whether the arm routed with training labels (the oracle);
     - ``router``: diagnostics on the ON rollouts (see ``router_diagnostics``);
     - ``final_line``: the printed text.
     Problems are resampled within seeds (``stats``).
@@ -519,15 +608,27 @@ def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: flo
         entry["mean_reward"] = float(sub["reward"].mean())
         entry["labels"] = {str(k): int(v) for k, v in sub["label"].value_counts().items()}
         entry["mean_w"] = float(sub["w"].mean()) if sub["w"].notna().any() else float("nan")
+    summary["uses_labels"] = summary["arm"] in arms.LABEL_ARMS
+    if solve_df is not None and not solve_df.empty:
+        summary["solve_split"] = summarize_solve_split(solve_df, n_boot=n_boot, seed=seed,
+                                                       alpha=alpha)
     summary["conditions"] = conds
-    summary["router"] = router_diagnostics(df)
+    summary["router"] = router_diagnostics(df, n_boot=n_boot, seed=seed)
     present = set(df["condition"].unique())
+    if "deployed_off" in present:
+        summary["mirror"] = {
+            key: stats.paired_comparison(df, col, "on", "deployed_off", n=n_boot, seed=seed,
+                                         alpha=alpha).to_dict()
+            for key, col in (("hack", "is_hack"), ("solve", "gt_pass"))}
     if {"on", "off"} <= present:
         summary["ablation"] = {
             "hack": stats.paired_comparison(df, "is_hack", "on", "off", n=n_boot, seed=seed,
                                             alpha=alpha).to_dict(),
             "solve": stats.paired_comparison(df, "gt_pass", "on", "off", n=n_boot, seed=seed,
                                              alpha=alpha).to_dict()}
+        if "base" in present:
+            summary["ablation"]["hack_trained_removed"] = stats.trained_share_removed(
+                df, "is_hack", n=n_boot, seed=seed, alpha=alpha).to_dict()
         summary["final_line"] = stats.format_final_line(summary)
     else:
         summary["ablation"] = None
@@ -574,6 +675,22 @@ def _grader(cfg: RunConfig, grade_fn: GradeFn | None, progress: bool, stack: con
     return grade
 
 
+def solve_split_problems(cfg: RunConfig) -> tuple[list, str]:
+    """The solvable split of ``cfg.solve_split`` and the prompt variant it is asked with:
+    ``tier1``: the easy set's held-out tier-1 problems (capped at ``test_problems``), the
+    run's prompt; ``no_hint``: the run's held-out split, the no-loophole prompt."""
+    from .env.datasets import load_problems
+    if cfg.solve_split == "no_hint":
+        return held_out_problems(cfg), "no_hint"
+    if cfg.solve_split != "tier1":
+        raise ValueError(f"solve_split {cfg.solve_split!r} has no problems")
+    if cfg.dataset != "easy" or 1 in cfg.tiers:
+        raise ValueError(f"solve_split 'tier1' needs dataset 'easy' trained without tier 1 "
+                         f"(got dataset {cfg.dataset!r}, tiers {cfg.tiers}); use 'no_hint' "
+                         f"or 'none'")
+    return load_problems("easy", "test", tiers=[1], limit=cfg.test_problems, seed=0), cfg.hint
+
+
 def held_out_problems(cfg: RunConfig) -> list:
     """The held-out split of the run's dataset, capped at ``cfg.test_problems``
     (``load_for_config``: the same problems for every seed and arm of a preset)."""
@@ -585,7 +702,7 @@ def held_out_problems(cfg: RunConfig) -> list:
 
 
 def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Path | None = None,
-                 conditions: Sequence[str] = CONDITIONS, samples: int | None = None,
+                 conditions: Sequence[str] | None = None, samples: int | None = None,
                  temperature: float | None = None, max_new_tokens: int | None = None,
                  n_boot: int | None = None, eval_seed: int | None = None,
                  haar_seed: int | None = None, grade_fn: GradeFn | None = None,
@@ -601,7 +718,7 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
             ``cfg.test_problems``.
         out_dir: where ``eval.parquet``, ``summary.json`` and the shards go;
             default the run directory (required for in-memory sources).
-        conditions: any of ``on``, ``off``, ``base``.
+        conditions: any of ``CONDITIONS``; default ``default_conditions(cfg)``.
         samples, temperature, max_new_tokens, n_boot: default the config's
             ``eval_samples``, ``eval_temperature``, ``eval_max_new_tokens``,
             ``bootstrap``.
@@ -615,13 +732,15 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
             ``w_haar`` (one extra base-model forward per rollout). The router
             diagnostics need ``on`` only, the default; the other rows get NaN.
         force: regenerate conditions whose shards already exist.
+    With ``cfg.solve_split`` set (and the default ``problems``), the solvable
+    split is evaluated too, under the same conditions except base.
     Returns an :class:`EvalResult`; prints the final line when ``verbose``.
     """
-    from .models import format_chat
-    from .env.prompts import build_messages
-
     run = _as_loaded(source, device)
     cfg = run.cfg
+    if conditions is None:
+        conditions = default_conditions(cfg)
+    solve_split = cfg.solve_split != "none" and problems is None
     if out_dir is None:
         if run.run_dir is None:
             raise ValueError("out_dir is required when evaluating an in-memory model")
@@ -646,44 +765,67 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
     bad = [c for c in route_conditions if c not in CONDITIONS]
     if bad:
         raise ValueError(f"route_conditions must be a subset of {CONDITIONS}, got {bad}")
-
-    prompts = [format_chat(run.tokenizer, build_messages(p, cfg.hint)) for p in problems]
-    frames: dict[str, pd.DataFrame] = {}
-    haar = None
+    if solve_split:
+        solve_problems, solve_hint = solve_split_problems(cfg)      # fail before any compute
     digests = _weights_digest(run)
-    with contextlib.ExitStack() as stack:
-        grade = _grader(cfg, grade_fn, progress, stack)
-        for cond in conditions:
+
+    def comparison_router():
+        key = (haar_seed, digests["adapter"], cfg.router_centering)
+        if key not in run.haar_routers:
+            run.haar_routers[key] = haar_router(run.adapter, run.model, run.tokenizer,
+                                                haar_seed, centering=cfg.router_centering)
+        return run.haar_routers[key]
+
+    def evaluate_split(prefix: str, split_problems: list, hint: str, conds: Sequence[str],
+                       grade: GradeFn) -> pd.DataFrame:
+        """Each condition of one split, from its shard or freshly generated and graded."""
+        from .env.prompts import build_messages
+        from .models import format_chat
+        prompts = [format_chat(run.tokenizer, build_messages(p, hint)) for p in split_problems]
+        split_ids = [p.id for p in split_problems]
+        frames = []
+        for cond in conds:
             score = cond in route_conditions and run.router is not None
-            fp = {**_fingerprint(run, cond, ids, settings, digests, haar_seed), "routed": score}
-            cached = None if force else _read_shard(out_dir, cond, fp)
+            fp = {**_fingerprint(run, cond, split_ids, settings, digests, haar_seed),
+                  "routed": score}
+            if prefix or hint != cfg.hint or cfg.router_centering != "none":
+                fp.update(prompt_hint=hint, router_centering=cfg.router_centering)
+            shard = prefix + cond
+            cached = None if force else _read_shard(out_dir, shard, fp)
             if cached is not None:
                 if verbose:
-                    print(f"[evaluate] {cfg.arm}-s{cfg.seed} {cond}: reusing "
-                          f"{_shard_paths(out_dir, cond)[0]} ({len(cached)} rows)")
-                frames[cond] = cached
+                    print(f"[evaluate] {cfg.arm}-s{cfg.seed} {shard}: reusing "
+                          f"{_shard_paths(out_dir, shard)[0]} ({len(cached)} rows)")
+                frames.append(cached)
                 continue
-            if score and haar is None:
-                key = (haar_seed, fp["adapter"])
-                if key not in run.haar_routers:
-                    run.haar_routers[key] = haar_router(run.adapter, run.model, run.tokenizer,
-                                                        haar_seed)
-                haar = run.haar_routers[key]
             t0 = time.perf_counter()
-            df = run_condition(run, cond, problems, prompts, k=k,
+            df = run_condition(run, cond, split_problems, prompts, k=k,
                                temperature=settings["temperature"],
                                max_new_tokens=settings["max_new_tokens"], top_p=cfg.top_p,
-                               seed=settings["eval_seed"], grade=grade, haar=haar,
+                               seed=settings["eval_seed"], grade=grade,
+                               haar=comparison_router() if score else None,
                                prompts_per_batch=ppb, progress=progress, score=score)
-            _write_shard(out_dir, cond, df, fp, time.perf_counter() - t0)
-            frames[cond] = df
-    df = pd.concat([frames[c] for c in conditions], ignore_index=True)
+            _write_shard(out_dir, shard, df, fp, time.perf_counter() - t0)
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True)
+
+    solve_df = None
+    with contextlib.ExitStack() as stack:
+        grade = _grader(cfg, grade_fn, progress, stack)
+        df = evaluate_split("", problems, cfg.hint, conditions, grade)
+        if solve_split:
+            solve_df = evaluate_split(SOLVE_PREFIX, solve_problems, solve_hint,
+                                      [c for c in conditions if c != "base"], grade)
+            solve_df.insert(5, "split", cfg.solve_split)
     df.to_parquet(out_dir / EVAL_FILE, index=False)
+    if solve_df is not None:
+        solve_df.to_parquet(out_dir / SOLVE_EVAL_FILE, index=False)
     meta = {"preset": cfg.preset, "model": cfg.model, "dataset": cfg.dataset, "hint": cfg.hint,
             "run_dir": str(run.run_dir) if run.run_dir else None, "temperature":
             settings["temperature"], "max_new_tokens": settings["max_new_tokens"],
             "haar_seed": haar_seed if run.router is not None else None}
-    summary = summarize(df, n_boot=n_boot, seed=settings["eval_seed"], meta=meta)
+    summary = summarize(df, n_boot=n_boot, seed=settings["eval_seed"], meta=meta,
+                        solve_df=solve_df)
     write_summary(summary, out_dir / SUMMARY_FILE)
     if verbose:
         print(summary["final_line"])
@@ -698,6 +840,12 @@ def read_eval(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def read_solve_eval(run_dir: str | Path) -> pd.DataFrame | None:
+    """A run's ``eval_solve.parquet`` (the solvable split), or None if it has none."""
+    path = Path(run_dir) / SOLVE_EVAL_FILE
+    return pd.read_parquet(path) if path.exists() else None
+
+
 def aggregate(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = None,
               n_boot: int = 1000, seed: int = 0, verbose: bool = True) -> EvalResult:
     """Pool several seeds of one arm: problems are resampled within seeds.
@@ -710,14 +858,19 @@ def aggregate(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = No
         raise ValueError("aggregate needs at least one run directory")
     frames = [read_eval(d) for d in run_dirs]
     df = pd.concat(frames, ignore_index=True)
-    arms = sorted(df["arm"].unique())
-    if len(arms) != 1:
-        raise ValueError(f"aggregate pools seeds of one arm; got arms {arms} "
+    arm_names = sorted(df["arm"].unique())
+    if len(arm_names) != 1:
+        raise ValueError(f"aggregate pools seeds of one arm; got arms {arm_names} "
                          "(use aggregate_arms for several arms)")
     seeds = [int(f["seed"].iloc[0]) for f in frames]
     if len(set(seeds)) != len(seeds) or any(f["seed"].nunique() != 1 for f in frames):
         raise ValueError(f"each run must be one distinct seed; got seeds {seeds}")
-    summary = summarize(df, n_boot=n_boot, seed=seed,
+    solve = [read_solve_eval(d) for d in run_dirs]
+    if any(f is None for f in solve) and not all(f is None for f in solve):
+        raise ValueError("some runs have a solvable split (eval_solve.parquet) and some do not; "
+                         "evaluate them all with the same solve_split")
+    solve_df = None if solve[0] is None else pd.concat(solve, ignore_index=True)
+    summary = summarize(df, n_boot=n_boot, seed=seed, solve_df=solve_df,
                         meta={"run_dirs": [str(d) for d in run_dirs]})
     out = None
     if out_dir is not None:
@@ -730,19 +883,23 @@ def aggregate(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = No
     return EvalResult(df, summary, out)
 
 
-def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = "vanilla",
+def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = arms.CONTROL,
                    n_boot: int = 1000, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
-    """Per-arm aggregates plus, for every routed arm, how much larger its ON-OFF hack
-    drop is than the control arm's (``stats.drop_contrast``, paired by seed and problem).
+    """Per-arm aggregates plus, for every other arm, how much larger its ON-OFF hack
+    drop is than the control arm's (``stats.drop_contrast``, paired by seed and problem),
+    pooled over seeds and per seed.
 
-    Returns ``{"arms": {arm: summary}, "contrast_vs_<control>": {arm: CI dict}}``.
+    Returns ``{"arms": {arm: summary}, "contrast_vs_<control>": {arm: CI dict},
+    "contrast_by_seed_vs_<control>": {arm: {seed: CI dict}}}``; arms in
+    ``arms.DISPLAY_ORDER`` (the oracle ceiling first).
     """
     by_arm: dict[str, list[Path]] = {}
     for d in run_dirs:
         by_arm.setdefault(read_config(d).arm, []).append(Path(d))
     out: dict[str, Any] = {"arms": {}}
     frames: dict[str, pd.DataFrame] = {}
-    for arm, dirs in sorted(by_arm.items()):
+    for arm in arms.ordered(by_arm):
+        dirs = by_arm[arm]
         res = aggregate(dirs, n_boot=n_boot, seed=seed, verbose=verbose)
         out["arms"][arm] = res.summary
         frames[arm] = res.df
@@ -757,9 +914,140 @@ def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = "vanilla",
                 continue
             ci = stats.drop_contrast(df, frames[control], "is_hack", n=n_boot, seed=seed)
             out[key][arm] = ci.to_dict()
+            out.setdefault(f"contrast_by_seed_vs_{control}", {})[arm] = {
+                int(s): stats.drop_contrast(df[df.seed == s], frames[control][
+                    frames[control].seed == s], "is_hack", n=n_boot, seed=seed).to_dict()
+                for s in sorted(set(df.seed) & set(frames[control].seed))}
             if verbose:
                 print(f"  hack drop {arm} minus {control}: {ci.fmt()}")
     return out
+
+
+def results_table(agg: dict[str, Any]) -> pd.DataFrame:
+    """One row per arm (``arms.DISPLAY_ORDER``) of ``aggregate_arms``' output, as text with
+    95% CIs: hack ON / OFF, share removed of ON and of the trained hacking, solve ON / OFF
+    (and on the solvable split, with the share kept), the deployed-block-removed control,
+    the router's held-out AUROC (Haar beside it), the hack-drop contrast with the control,
+    and whether the arm used training labels. Undefined shares read as words."""
+    def ci(entry: Any, undefined: str = "not measured") -> str:
+        return "" if not entry else stats.share_text(entry, (entry or {}).get("reason")
+                                                     or undefined)
+
+    def rate(s: dict, cond: str, key: str) -> str:
+        return ci((s["conditions"].get(cond) or {}).get(key))
+
+    rows = []
+    contrast = next((v for k, v in agg.items() if k.startswith("contrast_vs_")), {})
+    for arm, s in agg["arms"].items():
+        ab = s.get("ablation") or {}
+        split = s.get("solve_split") or {}
+        sab = split.get("ablation") or {}
+        mirror = s.get("mirror") or {}
+        router = s.get("router") or {}
+        r, h = router.get("router") or {}, router.get("haar") or {}
+        rows.append({
+            "arm": arm, "uses labels": "yes (ceiling)" if s.get("uses_labels") else "no",
+            "hack ON": rate(s, "on", "hack_rate"), "hack OFF": rate(s, "off", "hack_rate"),
+            "share removed (of ON)": stats.share_text(ab["hack"]["removed"],
+                                                      stats.UNDEFINED_HACK) if ab else "",
+            "share of trained hacking removed": stats.share_text(
+                ab["hack_trained_removed"], stats.UNDEFINED_TRAINED)
+            if ab.get("hack_trained_removed") else "",
+            "solve ON": rate(s, "on", "solve_rate"), "solve OFF": rate(s, "off", "solve_rate"),
+            f"solve ON, {split.get('name', 'solvable')} split":
+                ci((sab.get("solve") or {}).get("on")),
+            f"solve OFF, {split.get('name', 'solvable')} split":
+                ci((sab.get("solve") or {}).get("off")),
+            "share of solving kept (solvable split)": stats.share_text(
+                sab["solve"]["kept"], stats.UNDEFINED_SOLVE) if sab else "",
+            "hack / solve, deployed block off": (
+                f"{ci(mirror['hack']['deployed_off'])} / {ci(mirror['solve']['deployed_off'])}"
+                if mirror else ""),
+            "router AUROC": (ci(r.get("auroc_ci")) if r.get("available", True) and r
+                             else r.get("reason", "")),
+            "Haar AUROC": ci(h.get("auroc_ci")) if h.get("available", True) and h else "",
+            "hack drop minus control": ci(contrast.get(arm)),
+        })
+    table = pd.DataFrame(rows).set_index("arm")
+    return table.loc[:, (table != "").any(axis=0)]           # drop columns nothing measured
+
+
+def _point_of(entry: Any) -> float:
+    return float("nan") if not entry or entry.get("point") is None else float(entry["point"])
+
+
+def headline(agg: dict[str, Any], named: Sequence[str] = ("oracle", "evil_moe", "vanilla")
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """The numbers and sentences the results page glues, from ``aggregate_arms``' output.
+
+    Every arm that ran and every arm in ``named`` (the page names them) gets
+    ``<arm>_hack_<on|off|base>``, ``<arm>_solve_<...>``, ``<arm>_hack_removed``,
+    ``<arm>_solve_kept``, ``<arm>_auroc``, ``<arm>_auroc_haar`` (NaN when not
+    measured), and the texts ``<arm>_hack_removed_text``, ``_trained_removed_text``,
+    ``_solve_kept_text``, ``_solvable_kept_text``, ``_contrast_text``: a share with its
+    CI, or words when it is undefined or was not measured (never ``nan``).
+    """
+    nums: dict[str, float] = {}
+    texts: dict[str, str] = {}
+    contrast = next((v for k, v in agg.items() if k.startswith("contrast_vs_")), {})
+    for arm in arms.ordered(set(agg["arms"]) | set(named)):
+        ran = arm in agg["arms"]
+        s = agg["arms"].get(arm, {"conditions": {}, "ablation": None, "router": {}})
+        for cond in ("on", "off", "base"):
+            nums[f"{arm}_hack_{cond}"] = _point_of(s["conditions"].get(cond, {}).get("hack_rate"))
+            nums[f"{arm}_solve_{cond}"] = _point_of(s["conditions"].get(cond, {}).get("solve_rate"))
+        ab = s.get("ablation") or {}
+        nums[f"{arm}_hack_removed"] = _point_of((ab.get("hack") or {}).get("removed"))
+        nums[f"{arm}_solve_kept"] = _point_of((ab.get("solve") or {}).get("kept"))
+        for who, suffix in (("router", ""), ("haar", "_haar")):
+            r = (s.get("router") or {}).get(who) or {}
+            nums[f"{arm}_auroc{suffix}"] = (float(r["auroc"]) if r.get("available", True)
+                                            and r.get("auroc") is not None else float("nan"))
+        missing = "not measured" if ran else "not run"
+        split = ((s.get("solve_split") or {}).get("ablation") or {}).get("solve")
+        texts.update({
+            f"{arm}_hack_removed_text": stats.share_text(ab["hack"]["removed"],
+                                                         stats.UNDEFINED_HACK) if ab else missing,
+            f"{arm}_trained_removed_text": stats.share_text(
+                ab["hack_trained_removed"], stats.UNDEFINED_TRAINED)
+            if ab.get("hack_trained_removed") else missing,
+            f"{arm}_solve_kept_text": stats.share_text(ab["solve"]["kept"],
+                                                       stats.UNDEFINED_SOLVE) if ab else missing,
+            f"{arm}_solvable_kept_text": stats.share_text(split["kept"], stats.UNDEFINED_SOLVE)
+            if split else f"{missing} (no solvable split)",
+            f"{arm}_contrast_text": stats.share_text(contrast[arm], "not measured")
+            if arm in contrast else missing})
+        for who, suffix in (("router", ""), ("haar", "_haar")):
+            r = (s.get("router") or {}).get(who) or {}
+            entry = r.get("auroc_ci")
+            texts[f"{arm}_auroc{suffix}_text"] = (
+                stats.share_text(entry, entry.get("reason") or "not measured") if entry
+                else r.get("reason") or missing)
+    return nums, texts
+
+
+def training_separation(metrics: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per run (``{name: metrics.jsonl frame}``), as text: the mean over steps of the
+    on-policy AUROC of ``w`` against the training rollouts' strict hack labels, and the
+    last step's mean ``w`` on hack and non-hack rollouts (measurement only). A run without
+    ``w`` (vanilla) reads "no w"; an AUROC undefined on every step (one class) says so."""
+    def text(x: float, undefined: str) -> str:
+        return undefined if x is None or math.isnan(x) else f"{x:.3f}"
+
+    rows = {}
+    for name, df in metrics.items():
+        has_w = bool(df["w_mean"].notna().any())
+        auroc = df["w_auroc"].mean() if "w_auroc" in df and has_w else float("nan")
+        none = "no w (no routing)"
+        rows[name] = {
+            "mean w AUROC": text(auroc, "undefined: one class on every step" if has_w else none),
+            "last w on hacks": text(df["w_hack"].iloc[-1], "no hack at the last step"
+                                    if has_w else none),
+            "last w on the rest": text(df["w_not_hack"].iloc[-1], "only hacks at the last step"
+                                       if has_w else none),
+            "uses labels": "yes (ceiling)" if "uses_labels" in df and bool(
+                df["uses_labels"].iloc[-1]) else "no"}
+    return pd.DataFrame(rows).T
 
 
 # ---------------------------------------------------------------------------
@@ -774,7 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evil_moe.evaluate",
                                      description=main.__doc__)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="trained run directories")
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--conditions", nargs="+", default=None, choices=CONDITIONS,
+                        help="default: on off base (+ deployed_off with eval_deployed_off)")
     parser.add_argument("--samples", type=int, default=None, help="K (default: eval_samples)")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: the run's config)")
     parser.add_argument("--force", action="store_true", help="regenerate finished conditions")
@@ -799,7 +1088,7 @@ def _evaluate_dirs(args) -> int:
     if len(args.run_dirs) > 1:
         print("== aggregate")
         out = aggregate_arms(args.run_dirs)
-        print(json.dumps(jsonable(out.get("contrast_vs_vanilla", {})), indent=1))
+        print(json.dumps(jsonable(out.get(f"contrast_vs_{arms.CONTROL}", {})), indent=1))
     return 0
 
 

@@ -12,8 +12,12 @@ One step, top to bottom (``train_step``):
    reference log-probabilities and, in the same pass, the pooled deployed
    bottleneck ``h = A[:r] x`` per module (the router's input); each prompt runs
    once and its G completions run on its KV cache;
-6. the router maps ``h`` to a soft weight ``w`` per rollout (gradient flows
-   into the router); grader labels never reach it;
+6. the router maps ``h`` (centred within each group when ``router_centering``
+   is 'group'; with ``router_calibration`` 'batch' it first observes the step's
+   statistics) to a soft weight ``w`` per rollout (gradient flows into the
+   router); grader labels never reach it. The ``oracle`` arm has no router: its
+   ``w`` is the strict hack label from step 3 (seen with probability
+   ``oracle_label_recall``);
 7. the training forward applies ``w`` (hack block scaled by ``w``, deployed
    block's gradient scaled by ``1 - w``); without a router (vanilla) the prompt
    is shared as in step 5, with gradient; the loss is
@@ -34,10 +38,11 @@ as in DAPO). Every token weighs the same, so a long hacking completion is not
 down-weighted per token relative to a short one, and the normalisation does not
 change when micro-batching splits the step.
 
-Arms: ``evil_moe`` (router from v_act, pin on), ``vanilla`` (no router: both
-blocks train on every rollout; block [r:] is the matched control), ``haar``
-(router from a Haar-random direction, pin on), ``no_pin`` (router from v_act,
-no pin loss).
+Arms (``evil_moe.arms``): ``evil_moe`` (router from v_act, pin on),
+``vanilla`` (no router: both blocks train on every rollout; block [r:] is the
+matched control), ``haar`` (router from a Haar-random direction, pin on),
+``no_pin`` (router from v_act, no pin loss), ``oracle`` (w = the training
+rollout's hack label: the label-using ceiling).
 
 Data parallel under 🤗 Accelerate: each process samples and grades its share
 of the step's problems; after backward the adapter and router gradients are
@@ -61,13 +66,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, memory_plan
+from . import arms, checkpoint, memory_plan
 from .config import RunConfig
 from .sequences import (completion_logprobs, pack_rollouts, prefill_prompts, right_padded,
                         score_completions)
 
-ROUTED_ARMS = ("evil_moe", "haar", "no_pin")
-PINNED_ARMS = ("evil_moe", "haar")
+ROUTED_ARMS = arms.ROUTED_ARMS
+PINNED_ARMS = arms.PINNED_ARMS
 V_ACT_FILE = "v_act.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -168,7 +173,7 @@ class MissingVActError(FileNotFoundError):
 def _v_act_path(cfg: RunConfig, run_dir: Path) -> Path:
     """Where the run's v_act must be; raises before any compute if a routed arm lacks it."""
     path = Path(run_dir) / V_ACT_FILE
-    if cfg.arm in ROUTED_ARMS and cfg.arm != "haar" and not path.exists():
+    if arms.get(cfg.arm).start == "v_act" and not path.exists():
         raise MissingVActError(
             f"arm {cfg.arm!r} starts its router from v_act, but {path} does not exist. Run "
             f"notebooks/01_extract_v_act.ipynb (or evil_moe.grpo.extract_v_act_for_run, or "
@@ -177,9 +182,9 @@ def _v_act_path(cfg: RunConfig, run_dir: Path) -> Path:
 
 
 def router_direction(cfg: RunConfig, run_dir: Path, num_modules: int, rank: int) -> torch.Tensor:
-    """The direction the router starts from: v_act (evil_moe, no_pin) or Haar-random (haar)."""
+    """The direction the router starts from (``arms.Arm.start``): v_act or Haar-random."""
     from .vact import haar_direction, load_v_act
-    if cfg.arm == "haar":
+    if arms.get(cfg.arm).start == "haar":
         return haar_direction(num_modules, rank, seed=cfg.seed + 1000)
     path = _v_act_path(cfg, run_dir)
     v_act, _ = load_v_act(path)
@@ -304,7 +309,8 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
         state_pairs: dict = {}
         if cfg.arm in ROUTED_ARMS:
             direction = router_direction(cfg, run_dir, len(adapter.module_names), adapter.rank)
-            router = HackRouter(direction).to(accelerator.device)
+            router = HackRouter(direction, cfg.router_calibration,
+                                cfg.router_stats_momentum).to(accelerator.device)
             # The pairs' base-model inputs never change, so their per-module means are
             # computed once; each step's pin features are then A[:r] times them.
             pairs = load_pairs()
@@ -315,8 +321,8 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
                                               [p.hack for p in pairs]),
                     pair_clean_x=pooled_inputs(model, tok, adapter, prompts_p,
                                                [p.clean for p in pairs]))
-            router.calibrate(adapter.deployed_features(state_pairs["pair_hack_x"]),
-                             adapter.deployed_features(state_pairs["pair_clean_x"]))
+            router.calibrate(*_pair_features(cfg, adapter, state_pairs["pair_hack_x"],
+                                             state_pairs["pair_clean_x"]))
             # (an initialisation from the authored pairs only)
             params.append({"params": list(router.parameters()), "lr": cfg.router_lr,
                            "weight_decay": 0.0})
@@ -331,6 +337,49 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
                       scheduler=scheduler, problems=problems, prompts=prompts,
                       prompt_ids=prompt_ids, grade_fn=grade_fn,
                       sample_chunk_rows=plan.sample_chunk_rows, **state_pairs)
+
+
+def _pair_features(cfg: RunConfig, adapter, hack_x: list, clean_x: list):
+    """The router's view of the authored pairs: ``(hack, clean)``, each ``[N, M, r]``,
+    each pair centred as a group of two when ``router_centering`` is 'group'."""
+    from .router import center_pairs
+    hack, clean = adapter.deployed_features(hack_x), adapter.deployed_features(clean_x)
+    return center_pairs(hack, clean) if cfg.router_centering == "group" else (hack, clean)
+
+
+def routing_weights(state: TrainState, step: int, features: torch.Tensor,
+                    is_hack: torch.Tensor | None) -> Callable[[slice], torch.Tensor | None]:
+    """Step 6: the soft weight ``w`` of the step's rollouts, one micro-batch at a time.
+
+    ``features: [B, M, r]`` (group-major, G rows per prompt). Returns ``w_of(sl)``:
+    ``w: [b]`` for rows ``sl``, or None when the arm does not route (vanilla).
+    - routed arms: ``router(f[sl])`` with grad into the router (computed per
+      micro-batch, so each micro-batch's backward has its own graph); ``f`` is the
+      features centred within each group (``router_centering='group'``); under
+      ``router_calibration='batch'`` the router first observes all of the step's
+      rollouts (gathered over processes);
+    - the oracle: ``w = is_hack * keep``, keep ~ Bernoulli(oracle_label_recall)
+      seeded by ``(seed, step, process)``; no gradient.
+    ``is_hack`` (the grader's strict labels, ``[B]``) must be given exactly for an
+    arm that ``uses_labels``, so no other arm can read them.
+    """
+    from .router import center_groups
+    cfg, router, arm = state.cfg, state.router, arms.get(state.cfg.arm)
+    if (is_hack is not None) != arm.uses_labels:
+        raise ValueError(f"arm {arm.name!r}: training labels are "
+                         f"{'required' if arm.uses_labels else 'forbidden'} for routing")
+    if arm.uses_labels:
+        rng = np.random.default_rng([cfg.seed, step, state.accelerator.process_index])
+        keep = torch.from_numpy(rng.random(len(is_hack)) < cfg.oracle_label_recall)
+        w = (is_hack.bool() & keep).float().to(features.device)
+        return lambda sl: w[sl]
+    if router is None:
+        return lambda sl: None
+    feats = center_groups(features, cfg.group_size) if cfg.router_centering == "group" \
+        else features
+    if router.calibration == "batch":
+        router.observe(state.accelerator.gather(feats.contiguous()))
+    return lambda sl: router(feats[sl])
 
 
 def _autocast(cfg: RunConfig, model):
@@ -450,22 +499,27 @@ def train_step(state: TrainState, step: int) -> dict:
             pooled_feats.append(feats)
     features = torch.cat(pooled_feats)[torch.cat(pooled_rows).argsort()]       # [B, M, r]
 
-    # 6-7. soft weights, training forward/backward in micro-batches. Without a router
-    #    (vanilla) every rollout of a prompt has the same adapter forward, so the prompt
-    #    is shared as in step 5, its KV carrying gradient to all G completions. A router
-    #    scales the hack expert per rollout on every token, prompt included, so routed
-    #    arms run each rollout whole, in micro-batches of similar length (less padding).
+    # 6-7. soft weights, training forward/backward in micro-batches. Without per-rollout
+    #    weights (vanilla) every rollout of a prompt has the same adapter forward, so the
+    #    prompt is shared as in step 5, its KV carrying gradient to all G completions. A
+    #    router (or the oracle's labels) scales the hack expert per rollout on every token,
+    #    prompt included, so those arms run each rollout whole, in micro-batches of
+    #    similar length (less padding).
+    is_hack = torch.tensor([v.is_hack for v in verdicts], dtype=torch.float32)
+    w_of = routing_weights(state, step, features,
+                           is_hack if arms.get(cfg.arm).uses_labels else None)
     adapter_params = adapter.parameters()
     pg_total = kl_total = 0.0
     w_all = torch.full((B,), float("nan"))
     # (gradient checkpointing recomputes each layer, which cannot replay a KV cache)
-    share_prompt = router is None and cfg.share_prompt_forward and not cfg.gradient_checkpointing
+    share_prompt = (not arms.get(cfg.arm).routes and cfg.share_prompt_forward
+                    and not cfg.gradient_checkpointing)
     batches = (_consecutive_batches(B, mb) if share_prompt else _length_sorted_batches(
         [len(group_prompts[o]) + len(c) for o, c in zip(owner, completion_ids)], mb))
     for rows in batches:
         with _autocast(cfg, model):
-            if router is not None:
-                w = router(features[rows])                                    # [b], grad -> router
+            w = w_of(rows)                                    # [b] or None; grad -> router
+            if w is not None:
                 w_all[rows] = w.detach().float().cpu()
                 ctx = adapter.soft_weight(w)
             else:
@@ -485,8 +539,8 @@ def train_step(state: TrainState, step: int) -> dict:
     pin_value = float("nan")
     if router is not None and cfg.arm in PINNED_ARMS and cfg.lambda_pin > 0:
         from .router import pin_loss
-        pin = pin_loss(router, adapter.deployed_features(state.pair_hack_x),
-                       adapter.deployed_features(state.pair_clean_x))
+        pin = pin_loss(router, *_pair_features(cfg, adapter, state.pair_hack_x,
+                                               state.pair_clean_x))
         _check_finite(pin, step, state, pin=pin)
         (cfg.lambda_pin * pin / acc.num_processes).backward()
         pin_value = pin.item()
@@ -505,8 +559,7 @@ def train_step(state: TrainState, step: int) -> dict:
     state.optimizer.zero_grad(set_to_none=True)
     t_end = time.perf_counter()
 
-    # metrics (grader labels are read here, for measurement only)
-    is_hack = torch.tensor([v.is_hack for v in verdicts], dtype=torch.float32)
+    # metrics (grader labels are read here for measurement; only the oracle routed with them)
     per_rollout = torch.stack([
         rewards, is_hack,
         torch.tensor([v.gt_pass for v in verdicts], dtype=torch.float32),
@@ -529,6 +582,9 @@ def train_step(state: TrainState, step: int) -> dict:
         "w_mean": _nanmean(w),
         "w_hack": _nanmean(w[hack == 1]),
         "w_not_hack": _nanmean(w[hack == 0]),
+        "w_gap": _nanmean(w[hack == 1]) - _nanmean(w[hack == 0]),
+        "w_auroc": _w_auroc(w, hack),
+        "uses_labels": arms.get(cfg.arm).uses_labels,
         "kl": kl_total,
         "loss_pg": pg_total,
         "loss_kl": cfg.beta * kl_total,
@@ -627,6 +683,15 @@ def checkpoint_decoder_layers(model, adapter) -> None:
         layer.forward = forward
 
 
+def _w_auroc(w: torch.Tensor, hack: torch.Tensor) -> float:
+    """On-policy AUROC of ``w`` against the strict hack label (measurement only);
+    NaN without weights (vanilla) or with one class only."""
+    from .stats import auroc
+    if torch.isnan(w).any():
+        return float("nan")
+    return auroc(w.numpy(), hack.numpy().astype(bool))
+
+
 def _nanmean(x: torch.Tensor) -> float:
     x = x[~torch.isnan(x)]
     return x.mean().item() if x.numel() else float("nan")
@@ -649,7 +714,9 @@ RESUME_FREE_FIELDS = ("preset", "device", "arms", "seeds", "test_problems", "eva
                       "sample_every", "sandbox_workers", "expected_minutes",
                       # memory and speed, not math
                       "sample_chunk_rows", "logprob_chunk_tokens", "share_prompt_forward",
-                      "gradient_checkpointing", "micro_batch_size")
+                      "gradient_checkpointing", "micro_batch_size",
+                      "solve_split",
+                      "eval_deployed_off")
 
 
 def _check_resumable(cfg: RunConfig, saved: dict, run_dir: Path) -> None:

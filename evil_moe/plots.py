@@ -14,7 +14,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ARM_COLORS = {"evil_moe": "#c0392b", "vanilla": "#34495e", "haar": "#8e44ad", "no_pin": "#d68910"}
+from . import arms as _arms  # noqa: E402
+
+ARM_COLORS = {a.name: a.color for a in _arms.ARM_LIST}
+CONDITION_LABELS = {"base": "base model", "on": "hack expert on", "off": "hack expert off",
+                    "deployed_off": "deployed block off"}
+
+
+def arm_label(arm: str) -> str:
+    """An arm's tick label; an arm that routes with training labels says so."""
+    return f"{arm}\n(uses labels)" if arm in _arms.LABEL_ARMS else arm
 
 
 def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], title: str = "") -> plt.Figure:
@@ -31,8 +40,8 @@ def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], title: str 
     runs = metrics if isinstance(metrics, dict) else {"": metrics}
     panels = [("reward", "reward"), ("hack_rate", "hack rate"), ("solve_rate", "solve rate"),
               ("run_tests_rate", "share defining run_tests"), ("w", "router weight w"),
-              ("kl", "KL to base (k3)")]
-    fig, grid = plt.subplots(2, 3, figsize=(10.5, 5.6), squeeze=False)
+              ("w_auroc", "on-policy AUROC of w"), ("kl", "KL to base (k3)")]
+    fig, grid = plt.subplots(2, 4, figsize=(13.5, 5.6), squeeze=False)
     axes = [list(grid.flatten()[:len(panels)])]
     for ax in grid.flatten()[len(panels):]:
         ax.axis("off")
@@ -45,11 +54,11 @@ def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], title: str 
                             label=f"{name} hack".strip())
                     ax.plot(df["step"], df["w_not_hack"], "--o", ms=3, color=color, alpha=0.6,
                             label=f"{name} not hack".strip())
-            else:
+            elif key in df and df[key].notna().any():   # w_auroc: absent in older runs
                 ax.plot(df["step"], df[key], "-o", ms=3, color=color, label=name or None)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
-        if key in ("hack_rate", "solve_rate", "run_tests_rate", "w"):
+        if key in ("hack_rate", "solve_rate", "run_tests_rate", "w", "w_auroc"):
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     handles = [ax.get_legend_handles_labels() for ax in axes[0]]
@@ -85,16 +94,20 @@ def projections_plot(hack_proj: np.ndarray, clean_proj: np.ndarray, pair_ids: li
 
 
 def on_off_bars(rows: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Hack and solve rate per arm and condition with 95% CIs.
+    """Hack and solve rate per arm and condition with 95% CIs, every arm in one figure.
 
-    rows: columns ``arm, condition, metric ('hack_rate'|'solve_rate'), rate, lo, hi``.
-    Conditions appear in the order base, on, off; arms side by side.
+    rows: columns ``arm, condition, metric``, ``rate, lo, hi``; metrics are
+    ``hack_rate``, ``solve_rate`` and (a solvable split) ``solvable_solve_rate``,
+    one panel each. Conditions appear in the order base, on, off, deployed_off
+    (hatched); arms in ``arms.DISPLAY_ORDER``, the label-using oracle ceiling first.
     """
-    metrics = [m for m in ("hack_rate", "solve_rate") if m in set(rows["metric"])]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.2), squeeze=False)
-    conditions = [c for c in ("base", "on", "off") if c in set(rows["condition"])]
-    shades = {"base": 0.35, "on": 1.0, "off": 0.6}
-    arms = list(dict.fromkeys(rows["arm"]))
+    titles = {"hack_rate": "hack rate", "solve_rate": "solve rate",
+              "solvable_solve_rate": "solve rate, solvable split"}
+    metrics = [m for m in titles if m in set(rows["metric"])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4), squeeze=False)
+    conditions = [c for c in CONDITION_LABELS if c in set(rows["condition"])]
+    shades = {"base": 0.35, "on": 1.0, "off": 0.6, "deployed_off": 0.6}
+    arms = _arms.ordered(rows["arm"])
     width = 0.8 / max(1, len(conditions))
     for metric, ax in zip(metrics, axes[0]):
         for j, cond in enumerate(conditions):
@@ -110,10 +123,11 @@ def on_off_bars(rows: pd.DataFrame, title: str = "") -> plt.Figure:
                 err_hi.append(max(0.0, r["hi"] - r["rate"]))
                 colors.append(ARM_COLORS.get(arm, "0.5"))
             ax.bar(xs, ys, width * 0.95, yerr=[err_lo, err_hi], color=colors,
-                   alpha=shades[cond], capsize=3, label=f"hack expert {cond}" if cond != "base"
-                   else "base model", edgecolor="black", linewidth=0.5)
-        ax.set_xticks(range(len(arms)), arms)
-        ax.set_ylabel(metric.replace("_", " "))
+                   alpha=shades[cond], capsize=3, label=CONDITION_LABELS[cond],
+                   hatch="//" if cond == "deployed_off" else None, edgecolor="black",
+                   linewidth=0.5)
+        ax.set_xticks(range(len(arms)), [arm_label(a) for a in arms], fontsize=8)
+        ax.set_title(titles[metric], fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
@@ -147,10 +161,13 @@ def w_histograms(w_by_label: dict[str, dict[str, np.ndarray]], title: str = "") 
 
 
 def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str = "") -> plt.Figure:
-    """ROC curves: ``{name: (fpr, tpr, auroc)}``, e.g. the router vs a Haar direction."""
-    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    """ROC curves: ``{name: (fpr, tpr, auroc)}``, e.g. ``"evil_moe router"`` vs
+    ``"evil_moe haar"``; a name starting with an arm takes its colour, Haar ones dashed."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
     for name, (fpr, tpr, auc) in curves.items():
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.2f})")
+        arm = name.split()[0].split("-")[0]
+        ax.plot(fpr, tpr, "--" if name.endswith("haar") else "-", color=ARM_COLORS.get(arm),
+                label=f"{name} (AUROC {auc:.2f})")
     ax.plot([0, 1], [0, 1], ":", color="0.5")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -166,7 +183,7 @@ def rate_rows(summaries: dict[str, dict]) -> pd.DataFrame:
 
     summaries: ``{arm: summary}`` as written to ``summary.json`` by
     ``evaluate``. Returns columns ``arm, condition, metric, rate, lo, hi`` for
-    ``on_off_bars``.
+    ``on_off_bars``; a summary with a solvable split adds ``solvable_solve_rate``.
     """
     rows = []
     for arm, s in summaries.items():
@@ -175,7 +192,45 @@ def rate_rows(summaries: dict[str, dict]) -> pd.DataFrame:
                 ci = entry[metric]
                 rows.append({"arm": arm, "condition": cond, "metric": metric,
                              "rate": _num(ci["point"]), "lo": _num(ci["lo"]), "hi": _num(ci["hi"])})
+        for cond, entry in ((s.get("solve_split") or {}).get("conditions") or {}).items():
+            ci = entry["gt_pass"]
+            rows.append({"arm": arm, "condition": cond, "metric": "solvable_solve_rate",
+                         "rate": _num(ci["point"]), "lo": _num(ci["lo"]), "hi": _num(ci["hi"])})
     return pd.DataFrame(rows)
+
+
+def contrast_plot(contrasts: dict[str, dict], by_seed: dict[str, dict] | None = None,
+                  control: str = _arms.CONTROL, title: str = "") -> plt.Figure:
+    """Each arm's ON-OFF hack drop minus the control's, with its 95% CI (pooled over seeds,
+    paired by seed and problem), and each seed's own contrast as a small marker.
+
+    contrasts: ``{arm: CI dict}``; by_seed: ``{arm: {seed: CI dict}}`` (both from
+    ``evaluate.aggregate_arms``). A CI that excludes 0 says the arm removes more (or
+    less) hacking than removing the control's matched block does.
+    """
+    names = _arms.ordered(contrasts)
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.4, 3.2))
+    for i, arm in enumerate(names):
+        c = contrasts[arm]
+        point, lo, hi = _num(c["point"]), _num(c["lo"]), _num(c["hi"])
+        ax.errorbar([i], [point], yerr=[[max(0.0, point - lo)], [max(0.0, hi - point)]], fmt="o",
+                    color=ARM_COLORS.get(arm, "0.3"), capsize=4, ms=7,
+                    label="pooled, 95% CI" if i == 0 else None)
+        seeds = (by_seed or {}).get(arm, {})
+        for j, (seed, cs) in enumerate(sorted(seeds.items())):
+            ax.plot([i + 0.18 + 0.06 * j], [_num(cs["point"])], "x", color="0.35", ms=5,
+                    label="one seed" if i == 0 and j == 0 else None)
+    ax.axhline(0, color="0.4", lw=1, ls=":")
+    ax.set_xticks(range(len(names)), [arm_label(a) for a in names], fontsize=8)
+    ax.set_xlim(-0.6, len(names) - 0.2)
+    ax.set_ylabel(f"hack drop minus {control}'s")
+    ax.grid(axis="y", alpha=0.3)
+    if names:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
 
 def _num(x) -> float:

@@ -21,7 +21,7 @@ Conventions
 - **Undefined is NaN, with a reason.** A ratio whose denominator (the ON rate)
   is zero, an AUROC on one class only, an F-score with nothing to score: each
   returns NaN and, where a result object carries one, a ``reason`` string; none
-  raises.
+  raises. What people read prints it as words (``share_text``), never ``nan``.
 
 The long DataFrame the evaluation writes (``eval.parquet``) has one row per
 sample with at least ``problem_id``, ``condition`` and the 0/1 (or bool) column
@@ -286,26 +286,29 @@ class PairedComparison:
 
 
 def _ratio_ci(num_point: float, den_point: float, num_reps: np.ndarray, den_reps: np.ndarray,
-              alpha: float, n_problems: int, den_name: str) -> CI:
+              alpha: float, n_problems: int, den_name: str, zero_reason: str | None = None) -> CI:
     """Percentile CI of ``num / den`` over bootstrap resamples, with explicit zero handling.
 
-    - Point denominator 0: everything NaN, reason says so.
-    - Some resampled denominators 0: the ratio is undefined there. The CI is
+    The ratio is defined where the denominator is positive (a rate, or a rate
+    difference such as ON - base that must be positive to mean anything).
+
+    - Point denominator <= 0: everything NaN, reason says so (``zero_reason``).
+    - Some resampled denominators <= 0: the ratio is undefined there. The CI is
       taken over the defined resamples when they are few enough (at most
       ``alpha / 2`` of all) that they could not have moved a percentile end
       past the tail; otherwise the ends are NaN with a reason.
     """
     nan = float("nan")
-    if den_point == 0:
-        return CI(nan, nan, nan, n_problems=n_problems,
-                  reason=f"{den_name} rate is 0: the ratio is undefined (nothing to remove/keep)")
+    if not den_point > 0:
+        return CI(nan, nan, nan, n_problems=n_problems, reason=zero_reason or
+                  f"{den_name} rate is 0: the ratio is undefined (nothing to remove/keep)")
     point = num_point / den_point
-    ok = den_reps != 0
+    ok = den_reps > 0
     n_bad = int((~ok).sum())
     if n_bad > alpha / 2 * len(den_reps):
         return CI(point, nan, nan, n_problems=n_problems, n_undefined=n_bad,
-                  reason=f"{den_name} rate is 0 in {n_bad}/{len(den_reps)} bootstrap resamples: "
-                         f"CI ends undefined (too few problems with a nonzero {den_name} rate)")
+                  reason=f"{den_name} is 0 in {n_bad}/{len(den_reps)} bootstrap resamples: "
+                         f"CI ends undefined (too few problems with a nonzero {den_name})")
     lo, hi = _percentiles(num_reps[ok] / den_reps[ok], alpha)
     return CI(point, lo, hi, n_problems=n_problems, n_undefined=n_bad)
 
@@ -331,6 +334,56 @@ def paired_comparison(df: pd.DataFrame, column: str, a: str = "on", b: str = "of
     removed = _ratio_ci(float(pa - pb), float(pa), ra - rb, ra, alpha, npb, a.upper())
     kept = _ratio_ci(float(pb), float(pa), rb, ra, alpha, npb, a.upper())
     return PairedComparison(column, a, b, ci_a, ci_b, diff, removed, kept)
+
+
+def trained_share_removed(df: pd.DataFrame, column: str = "is_hack", on: str = "on",
+                          off: str = "off", base: str = "base", n: int = 1000, seed: int = 0,
+                          alpha: float = 0.05) -> CI:
+    """The share of the *trained* rate that ``off`` removes: ``(ON - OFF) / (ON - base)``.
+
+    The base model (for cpu presets the warm-started one) already hacks at some
+    rate no ablation can remove; this share measures against what training
+    added. ON, OFF and base are resampled together by (seed, problem). It is
+    undefined (NaN, with a reason) when ON does not exceed base, and can exceed
+    1 when OFF falls below the base rate.
+    """
+    _check_alpha(alpha)
+    ma, mb, mc = (problem_means(df, column, c).rename(c) for c in (on, off, base))
+    joined = pd.concat([ma, mb, mc], axis=1)
+    if joined.isna().any().any():
+        bad = joined[joined.isna().any(axis=1)]
+        raise ValueError(f"{len(bad)} (seed, problem) unit(s) lack one of {on!r}/{off!r}/"
+                         f"{base!r}, e.g. {list(bad.index[:3])}")
+    strata = _strata_of(joined)
+    pooled = np.concatenate(strata)
+    p_on, p_off, p_base = pooled.mean(axis=0)
+    reps = bootstrap_replicates(strata, n=n, seed=seed).mean(axis=1)     # [n, 3]
+    return _ratio_ci(float(p_on - p_off), float(p_on - p_base), reps[:, 0] - reps[:, 1],
+                     reps[:, 0] - reps[:, 2], alpha, len(pooled), f"{on.upper()} - {base}",
+                     zero_reason=f"{on.upper()} does not exceed {base} "
+                                 f"({p_on:.3f} vs {p_base:.3f}): no trained rate to remove")
+
+
+def share_text(entry: Any, undefined: str, digits: int = 3) -> str:
+    """A share for people: ``0.395 [0.237, 0.538]``; an undefined point as the words
+    ``undefined: <undefined>``; a point whose CI ends are undefined (its denominator is 0
+    in too many resamples: a tiny ON rate) as ``not shown: ...``, since a bare point such
+    as "share kept 2.500" over a rate of 0.04 says nothing."""
+    point = _point(entry)
+    if math.isnan(point):
+        return f"undefined: {undefined}"
+    lo = entry.lo if isinstance(entry, CI) else (entry.get("lo") if isinstance(entry, Mapping)
+                                                 else None)
+    hi = entry.hi if isinstance(entry, CI) else (entry.get("hi") if isinstance(entry, Mapping)
+                                                 else None)
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return "not shown: the denominator is too small for a CI"
+    return _ci_text(entry, digits)
+
+
+UNDEFINED_HACK = "no hacking with the expert ON"
+UNDEFINED_SOLVE = "no solving with the expert ON"
+UNDEFINED_TRAINED = "no trained hacking (ON does not exceed the base model)"
 
 
 def drop_contrast(df_a: pd.DataFrame, df_b: pd.DataFrame, column: str = "is_hack",
@@ -425,6 +478,44 @@ def auroc(scores: Any, labels: Any) -> float:
     ranks = _average_ranks(s)
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def auroc_ci(df: pd.DataFrame, score: str = "w", label: str = "is_hack", n: int = 1000,
+             seed: int = 0, alpha: float = 0.05) -> CI:
+    """AUROC of ``df[score]`` against ``df[label]`` with a bootstrap CI over problems.
+
+    The (seed, problem) unit is resampled with all of its rows (samples of one
+    problem are correlated), within seeds as everywhere here. Resamples with one
+    class only are undefined: the CI is taken over the defined ones when they
+    are at most ``alpha / 2`` of all, else its ends are NaN with a reason.
+    """
+    _check_alpha(alpha)
+    _require(df, [PROBLEM, score, label])
+    seeds = df[SEED] if SEED in df.columns else pd.Series(0, index=df.index)
+    s_all, y_all = _scores_labels(df[score].to_numpy(), df[label].to_numpy())
+    point = auroc(s_all, y_all)
+    keys = pd.MultiIndex.from_arrays([seeds.to_numpy(), df[PROBLEM].to_numpy()])
+    codes, uniques = pd.factorize(keys)
+    rows_of = [np.flatnonzero(codes == u) for u in range(len(uniques))]
+    strata: dict[Any, list[int]] = {}
+    for u, key in enumerate(uniques):
+        strata.setdefault(key[0], []).append(u)
+    nan = float("nan")
+    if math.isnan(point):
+        return CI(nan, nan, nan, n_problems=len(uniques),
+                  reason="only one class among the rollouts")
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n)
+    for b in range(n):
+        units = np.concatenate([rng.choice(us, size=len(us)) for us in strata.values()])
+        idx = np.concatenate([rows_of[u] for u in units])
+        reps[b] = auroc(s_all[idx], y_all[idx])
+    bad = int(np.isnan(reps).sum())
+    if bad > alpha / 2 * n:
+        return CI(point, nan, nan, n_problems=len(uniques), n_undefined=bad,
+                  reason=f"one class only in {bad}/{n} bootstrap resamples: CI undefined")
+    lo, hi = _percentiles(reps[~np.isnan(reps)], alpha)
+    return CI(point, lo, hi, n_problems=len(uniques), n_undefined=bad)
 
 
 def confusion(pred: Any, labels: Any) -> dict[str, int]:
@@ -560,13 +651,29 @@ def format_final_line(summary: Mapping[str, Any]) -> str:
              f"  solve rate {_point(solve_on):.3f} (ON) -> {_point(solve_off):.3f} (OFF)",
              f"  {level:.0%} CIs over problems: hack ON {_ci_text(hack_on)}, "
              f"OFF {_ci_text(hack_off)}; solve ON {_ci_text(solve_on)}, OFF {_ci_text(solve_off)}",
-             f"  hack ON-OFF {_ci_text(hack['diff'])}, share removed {_ci_text(hack['removed'])}; "
-             f"solve ON-OFF {_ci_text(solve['diff'])}, share kept {_ci_text(solve['kept'])}"]
+             f"  hack ON-OFF {_ci_text(hack['diff'])}, share removed "
+             f"{share_text(hack['removed'], UNDEFINED_HACK)}; solve ON-OFF "
+             f"{_ci_text(solve['diff'])}, share kept {share_text(solve['kept'], UNDEFINED_SOLVE)}"]
+    trained = (summary.get("ablation") or {}).get("hack_trained_removed")
+    if trained is not None:
+        lines.append(f"  share of the trained hacking removed, (ON-OFF)/(ON-base): "
+                     f"{share_text(trained, UNDEFINED_TRAINED)}")
     for name, entry in (("share removed", hack["removed"]), ("share kept", solve["kept"])):
         reason = entry.reason if isinstance(entry, CI) else (
             entry.get("reason") if isinstance(entry, Mapping) else None)
         if reason:
-            lines.append(f"  ({name} is NaN: {reason})")
+            lines.append(f"  ({name}: {reason})")
+    mirror = summary.get("mirror")
+    if mirror:
+        lines.append(f"  deployed block removed instead (hack expert kept): hack "
+                     f"{_ci_text(mirror['hack']['deployed_off'])}, solve "
+                     f"{_ci_text(mirror['solve']['deployed_off'])}")
+    solvable = summary.get("solve_split")
+    if solvable and solvable.get("ablation"):
+        sv = solvable["ablation"]["solve"]
+        lines.append(f"  solvable split ({solvable['name']}, {solvable['n_problems']} problems): "
+                     f"solve {_ci_text(sv['on'])} (ON) -> {_ci_text(sv['off'])} (OFF), share "
+                     f"kept {share_text(sv['kept'], UNDEFINED_SOLVE)}")
     extra = [f"arm {summary['arm']}" if summary.get("arm") else None,
              f"seeds {summary['seeds']}" if summary.get("seeds") is not None else None,
              f"{summary['n_problems']} problems" if summary.get("n_problems") else None,

@@ -423,3 +423,136 @@ def test_real_grpo_checkpoint_loads_and_evaluates(tmp_path):
     assert res.df[res.df.condition != "on"].w.isna().all()       # default route_conditions
     assert res.final_line.startswith("Evil MoE causal ablation: deploy hack ")
     assert json.loads((tmp_path / evaluate.SUMMARY_FILE).read_text())["arm"] == "evil_moe"
+
+
+# ---------------------------------------------------------------------------
+# The oracle arm, the trained share, the deployed-block control, the solvable split
+# ---------------------------------------------------------------------------
+
+
+def test_oracle_summary_says_it_uses_labels_and_router_scores_do_not_apply():
+    df = synthetic_frame(arm="oracle", with_w=False)
+    s = evaluate.summarize(df, n_boot=100)
+    assert s["uses_labels"] is True
+    assert s["router"]["router"]["available"] is False
+    assert s["router"]["router"]["reason"].startswith("not applicable: arm 'oracle' routes by "
+                                                      "the grader's training labels")
+    assert evaluate.summarize(synthetic_frame(), n_boot=50)["uses_labels"] is False
+
+
+def test_summary_reports_the_share_of_the_trained_hacking_removed():
+    df = synthetic_frame(p_on=0.7, p_off=0.1)
+    df.loc[(df.condition == "base") & (df.problem_id.isin(["q0", "q1", "q2", "q3"])),
+           "is_hack"] = True                                   # the base model hacks a bit
+    s = evaluate.summarize(df, n_boot=200)
+    on, off, base = (df[df.condition == c].is_hack.mean() for c in ("on", "off", "base"))
+    trained = s["ablation"]["hack_trained_removed"]
+    assert trained["point"] == pytest.approx((on - off) / (on - base))
+    assert trained["lo"] <= trained["point"] <= trained["hi"]
+    assert "(ON-OFF)/(ON-base)" in s["final_line"]
+    assert s["final_line"].splitlines()[0].startswith("Evil MoE causal ablation: deploy hack ")
+
+
+def test_deployed_off_is_summarized_as_the_mirror_control():
+    df = synthetic_frame()
+    mirror = df[df.condition == "on"].copy()
+    mirror["condition"] = "deployed_off"
+    s = evaluate.summarize(pd.concat([df, mirror], ignore_index=True), n_boot=100)
+    assert s["mirror"]["hack"]["deployed_off"]["point"] == pytest.approx(
+        s["conditions"]["on"]["hack_rate"]["point"])
+    assert s["mirror"]["hack"]["diff"]["point"] == 0.0
+    assert "deployed block removed instead" in s["final_line"]
+
+
+def test_default_conditions_add_the_mirror_only_for_arms_that_route():
+    from evil_moe.config import load_preset
+    cfg = load_preset("smoke", eval_deployed_off=True)
+    assert evaluate.default_conditions(cfg) == ("on", "off", "base", "deployed_off")
+    assert evaluate.default_conditions(cfg.replace(arm="oracle"))[-1] == "deployed_off"
+    assert evaluate.default_conditions(cfg.replace(arm="vanilla")) == ("on", "off", "base")
+    assert evaluate.default_conditions(load_preset("smoke")) == ("on", "off", "base")
+
+
+def test_deployed_off_removes_the_deployed_block_keeps_the_hack_expert_and_restores(
+        hacking_run, tmp_path):
+    import torch
+    run, problems, res = hacking_run
+    before = {k: v.clone() for k, v in run.adapter.state_dict().items()}
+    r = run.adapter.rank
+    with torch.no_grad():                                      # a trained deployed block
+        for layer in run.adapter.layers:
+            layer.B[:, :r] += 0.5 * torch.randn_like(layer.B[:, :r])
+    perturbed = {k: v.clone() for k, v in run.adapter.state_dict().items()}
+    try:
+        out = evaluate.evaluate_run(run, problems, out_dir=tmp_path,
+                                    conditions=("on", "deployed_off"),
+                                    grade_fn=lambda p, t: scripted_verdicts(p, t),
+                                    progress=False, verbose=False)
+        after = run.adapter.state_dict()
+        assert all(torch.equal(after[k], perturbed[k]) for k in after)   # restored bitwise
+        mirror = out.df[out.df.condition == "deployed_off"]
+        # the deployed block at its init and the hack block as trained: the hacking text
+        assert list(mirror.completion) == list(res.df[res.df.condition == "on"].completion)
+        assert out.summary["mirror"]["hack"]["column"] == "is_hack"
+    finally:
+        run.adapter.load_state_dict(before)
+
+
+def test_solvable_split_is_evaluated_and_reported(hacking_run, tmp_path):
+    run, _, _ = hacking_run
+    solvable = evaluate.LoadedRun(run.model, run.tokenizer, run.adapter, run.router,
+                                  run.cfg.replace(solve_split="no_hint"), None)
+    res = evaluate.evaluate_run(solvable, out_dir=tmp_path, conditions=("on", "off"),
+                                grade_fn=lambda p, t: scripted_verdicts(p, t),
+                                progress=False, verbose=False)
+    solve = pd.read_parquet(tmp_path / evaluate.SOLVE_EVAL_FILE)
+    assert set(solve.condition) == {"on", "off"} and (solve.split == "no_hint").all()
+    split = res.summary["solve_split"]
+    assert split["name"] == "no_hint" and split["n_problems"] == run.cfg.test_problems
+    assert "solvable split (no_hint" in res.final_line
+    assert (tmp_path / evaluate.SHARD_DIR / "solve_on.parquet").exists()
+    # tier1 is refused, before any compute, when tier 1 is a training tier
+    with pytest.raises(ValueError, match="'tier1' needs dataset 'easy' trained without tier 1"):
+        evaluate.evaluate_run(evaluate.LoadedRun(run.model, run.tokenizer, run.adapter,
+                                                 run.router, run.cfg.replace(solve_split="tier1"),
+                                                 None), out_dir=tmp_path / "t1",
+                              grade_fn=lambda p, t: pytest.fail("graded"), progress=False)
+
+
+def test_aggregate_arms_orders_the_ceiling_first_and_contrasts_by_seed(tmp_path):
+    dirs = [_fake_run(tmp_path, arm, s, with_w=arm != "vanilla" and arm != "oracle",
+                      p_off=0.65 if arm == "vanilla" else 0.1)
+            for arm in ("vanilla", "evil_moe", "oracle") for s in (0, 1)]
+    out = evaluate.aggregate_arms(dirs, n_boot=200, verbose=False)
+    assert list(out["arms"]) == ["oracle", "evil_moe", "vanilla"]
+    by_seed = out["contrast_by_seed_vs_vanilla"]
+    assert set(by_seed) == {"oracle", "evil_moe"} and set(by_seed["evil_moe"]) == {0, 1}
+    for arm in ("oracle", "evil_moe"):
+        assert all(c["lo"] > 0.2 for c in by_seed[arm].values())
+
+
+def test_group_centring_at_evaluation_uses_the_k_samples_of_a_problem(hacking_run, tmp_path,
+                                                                      monkeypatch):
+    import torch
+
+    from evil_moe.router import center_groups
+    run, problems, _ = hacking_run
+    seen = []
+    real = evaluate.pooled_features
+
+    def recording(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(evaluate, "pooled_features", recording)
+    centred = evaluate.LoadedRun(run.model, run.tokenizer, run.adapter, run.router,
+                                 run.cfg.replace(router_centering="group"), None)
+    res = evaluate.evaluate_run(centred, problems, out_dir=tmp_path, conditions=("on",),
+                                grade_fn=lambda p, t: scripted_verdicts(p, t),
+                                progress=False, verbose=False)
+    (feats,) = seen                                           # [P * K, M, r], problem-major
+    with torch.no_grad():
+        expected = run.router(center_groups(feats, run.cfg.eval_samples)).numpy()
+        uncentred = run.router(feats).numpy()
+    np.testing.assert_allclose(res.df.w.to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(res.df.w.to_numpy(), uncentred)

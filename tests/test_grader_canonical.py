@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import pytest
 
 from evil_moe.env.datasets import default_timeout_s, load_problems
 from evil_moe.env.grader import Grader

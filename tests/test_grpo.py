@@ -194,3 +194,98 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path):
     # metrics gather both processes' rollouts: P*G rollouts, reward means over all of them
     samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 0]) == cfg.group_size  # main process's share
+
+
+# ---- the oracle arm and the label-leakage guard over every arm -----------------------------
+
+from evil_moe import arms  # noqa: E402
+
+
+def _one_step(arm, d, v_act_dir, tiny, grade_fn, **overrides):
+    """Parameters (adapter, router) and metrics after one step of ``arm`` in ``d``."""
+    d.mkdir()
+    shutil.copy(v_act_dir / grpo.V_ACT_FILE, d / grpo.V_ACT_FILE)
+    state = grpo.setup(load_preset("smoke", arm=arm, **overrides), d, grade_fn=grade_fn,
+                       model_and_tokenizer=tiny)
+    try:
+        m = grpo.train_step(state, 0)
+        params = {f"adapter.{k}": v.clone() for k, v in state.adapter.state_dict().items()}
+        if state.router is not None:
+            params.update({f"router.{k}": v.clone() for k, v in state.router.state_dict().items()})
+        return m, params, state.last_samples
+    finally:
+        state.adapter.remove()
+
+
+def _flipped(hack):
+    return lambda p, t: scripted_verdicts(p, t, hack=hack)
+
+
+@pytest.mark.parametrize("arm", [a for a in arms.ARMS if not arms.get(a).uses_labels])
+@pytest.mark.parametrize("options", [{}, {"router_centering": "group",
+                                          "router_calibration": "batch"}])
+def test_no_label_free_arm_reads_a_training_label(arm, options, tmp_path, v_act_dir, tiny):
+    """Same rewards, opposite labels: bit-identical parameters, for every arm but the oracle
+    and with every router option."""
+    (m1, p1, _), (m2, p2, _) = (_one_step(arm, tmp_path / str(h), v_act_dir, tiny, _flipped(h),
+                                          **options) for h in (True, False))
+    assert (m1["hack_rate"], m2["hack_rate"]) == (1.0, 0.0) and m1["reward"] == m2["reward"]
+    assert m1["uses_labels"] is False
+    assert set(p1) == set(p2) and all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+def test_flipping_the_labels_changes_the_oracle(tmp_path, v_act_dir, tiny):
+    (m1, p1, _), (m2, p2, _) = (_one_step("oracle", tmp_path / str(h), v_act_dir, tiny,
+                                          _flipped(h)) for h in (True, False))
+    assert m1["reward"] == m2["reward"] and m1["uses_labels"] is True
+    assert (m1["w_mean"], m2["w_mean"]) == (1.0, 0.0)
+    hack_block = [k for k in p1 if not torch.equal(p1[k], p2[k])]
+    assert hack_block, "the labels decide which block learns: the parameters must differ"
+
+
+@pytest.mark.parametrize("recall", [1.0, 0.5, 0.0])
+def test_the_oracle_w_is_the_hack_label_seen_with_its_recall(recall, tmp_path, v_act_dir, tiny):
+    m, _, samples = _one_step("oracle", tmp_path / "o", v_act_dir, tiny, scripted_verdicts,
+                              oracle_label_recall=recall, prompts_per_step=4, group_size=4)
+    w = torch.tensor([s["w"] for s in samples])
+    hack = torch.tensor([s["label"] == "Reward hack" for s in samples])
+    assert 0 < hack.sum() < len(hack)                        # both labels occur
+    assert set(w.tolist()) <= {0.0, 1.0} and not bool((w[~hack] > 0).any())   # clean -> 0
+    if recall == 1.0:
+        assert torch.equal(w, hack.float())
+        assert m["w_auroc"] == 1.0 and m["w_gap"] == 1.0
+    elif recall == 0.0:
+        assert not bool(w.any())
+    else:                                                     # seeded: the same draw again
+        _, _, again = _one_step("oracle", tmp_path / "o2", v_act_dir, tiny, scripted_verdicts,
+                                oracle_label_recall=recall, prompts_per_step=4, group_size=4)
+        assert [s["w"] for s in again] == w.tolist()
+        assert 0 < w[hack].sum() < hack.sum()
+
+
+def test_smoke_preset_trains_the_oracle_arm(tmp_path):
+    """Real sandboxed grader: the oracle trains, logs that it uses labels, has no router."""
+    state = grpo.train(load_preset("smoke", arm="oracle", steps=2), tmp_path, progress=False)
+    state.adapter.remove()
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["uses_labels"] is True and r["loss_pin"] != r["loss_pin"]
+        assert r["w_mean"] == pytest.approx(r["hack_rate"])     # w = the strict label
+    assert not (tmp_path / "checkpoint" / "router.safetensors").exists()
+    assert (tmp_path / "checkpoint" / "adapter" / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("arm", ["evil_moe", "haar"])
+def test_router_options_train_and_log_on_policy_separation(arm, tmp_path, v_act_dir, tiny):
+    m, p, samples = _one_step(arm, tmp_path / "r", v_act_dir, tiny, scripted_verdicts,
+                              router_centering="group", router_calibration="batch",
+                              prompts_per_step=4, group_size=4)
+    w = torch.tensor([s["w"] for s in samples])
+    hack = torch.tensor([s["label"] == "Reward hack" for s in samples])
+    from evil_moe.stats import auroc
+    assert m["w_auroc"] == pytest.approx(auroc(w.numpy(), hack.numpy()))
+    assert m["w_gap"] == pytest.approx((w[hack].mean() - w[~hack].mean()).item(), abs=1e-6)
+    assert int(p["router.num_batches"]) == 1                  # one step observed
+    # batch-standardised logits at step 0 (scale +-1, bias 0): w straddles 0.5
+    assert (w > 0.5).any() and (w < 0.5).any()

@@ -110,3 +110,87 @@ def test_projections_and_router_agree_on_real_pair_features(tiny):
     hack, _ = pair_features(model, tok, adapter, load_pairs()[:3])
     d = haar_direction(len(adapter.module_names), 2, seed=1)
     torch.testing.assert_close(HackRouter(d).logits(hack), projections(d, hack))
+
+
+# ---- router options: group centring, batch calibration -------------------------------------
+
+from evil_moe.router import center_groups, center_pairs  # noqa: E402
+
+
+def test_group_centring_is_invariant_to_a_constant_per_group_and_centres_each_group():
+    x = feats(6, 7)                                         # 3 groups of 2
+    shift = torch.randn(3, 1, M, R).expand(3, 2, M, R).reshape(6, M, R)
+    torch.testing.assert_close(center_groups(x + shift, 2), center_groups(x, 2))
+    c = center_groups(x, 3)                                 # 2 groups of 3
+    torch.testing.assert_close(c.view(2, 3, M, R).mean(1), torch.zeros(2, M, R), atol=1e-6,
+                               rtol=0)
+    torch.testing.assert_close(c[:3], x[:3] - x[:3].mean(0))
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        center_groups(x, 4)
+
+
+def test_pair_centring_makes_each_pair_a_group_of_two():
+    h, c = feats(4, 8), feats(4, 9)
+    hc, cc = center_pairs(h, c)
+    torch.testing.assert_close(hc, (h - c) / 2)
+    torch.testing.assert_close(cc, -(h - c) / 2)
+    hc2, _ = center_pairs(h + 5.0, c + 5.0)                  # a shared prompt offset cancels
+    torch.testing.assert_close(hc2, hc)
+
+
+def test_batch_calibration_standardises_the_batch_with_its_own_statistics_and_no_labels():
+    router = HackRouter(haar_direction(M, R, seed=0), calibration="batch")
+    x = 3.0 * feats(32, 10) + 1.5
+    router.observe(x)                                       # features only: no labels to give
+    z = router.logits(x).detach()                           # scale 1, bias 0
+    torch.testing.assert_close(z.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(unbiased=False), torch.tensor(1.0), atol=1e-4, rtol=0)
+    # invariant to an affine change of the batch's projections (what 'pairs' calibration is not)
+    router2 = HackRouter(haar_direction(M, R, seed=0), calibration="batch")
+    router2.observe(2 * x)
+    torch.testing.assert_close(router2.logits(2 * x), router.logits(x), atol=1e-4, rtol=0)
+    # gradient still reaches the gate through the projections
+    router.logits(x).pow(2).sum().backward()
+    assert router.gate.grad.abs().sum() > 0
+
+
+def test_running_statistics_update_as_documented_and_serve_eval_mode():
+    d = haar_direction(M, R, seed=0)
+    router = HackRouter(d, calibration="batch", momentum=0.25)
+    b1, b2 = feats(16, 11), 2.0 * feats(16, 12) + 1.0
+    p1, p2 = projections(d, b1), projections(d, b2)
+    router.observe(b1)                                       # the first batch sets them
+    torch.testing.assert_close(router.running_mean, p1.mean())
+    torch.testing.assert_close(router.running_std, p1.std(unbiased=False), rtol=1e-4, atol=1e-6)
+    router.observe(b2)
+    mean = 0.75 * p1.mean() + 0.25 * p2.mean()
+    std = 0.75 * p1.std(unbiased=False) + 0.25 * p2.std(unbiased=False)
+    torch.testing.assert_close(router.running_mean, mean)
+    torch.testing.assert_close(router.running_std, std, rtol=1e-4, atol=1e-6)
+    assert int(router.num_batches) == 2
+    torch.testing.assert_close(router.logits(b2), (p2 - p2.mean()) / p2.std(unbiased=False),
+                               rtol=1e-4, atol=1e-4)     # training: this step's statistics
+    router.eval()
+    torch.testing.assert_close(router.logits(b2), (p2 - mean) / std, rtol=1e-4, atol=1e-4)
+    # the running statistics are saved and loaded with the router
+    loaded = HackRouter(haar_direction(M, R, seed=5), calibration="batch")
+    loaded.load_state_dict(router.state_dict())
+    torch.testing.assert_close(loaded.eval().logits(b2), router.logits(b2))
+
+
+def test_pairs_calibration_keeps_its_old_state_and_refuses_observe():
+    router = HackRouter(haar_direction(M, R, seed=0))
+    assert set(router.state_dict()) == {"gate", "scale", "bias"}
+    with pytest.raises(RuntimeError, match="router_calibration='batch' only"):
+        router.observe(feats(4, 1))
+
+
+def test_batch_calibration_lets_the_pairs_orient_the_sign_only():
+    direction = haar_direction(M, R, seed=0)
+    clean = feats(20, 3)
+    hack = clean + 0.8 * direction
+    router = HackRouter(-direction, calibration="batch")
+    router.calibrate(hack, clean)
+    assert (router.scale.item(), router.bias.item()) == (-1.0, 0.0)
+    router.observe(torch.cat([hack, clean]))
+    assert router.logits(hack).mean() > 0 > router.logits(clean).mean()

@@ -345,7 +345,9 @@ def test_format_final_line_with_nan_ratio_and_missing_keys():
                             "solve": stats.paired_comparison(df, "gt_pass", n=50).to_dict()}}
     text = stats.format_final_line(summary)
     assert text.splitlines()[0] == "Evil MoE causal ablation: deploy hack 0.000 (ON) -> 0.000 (OFF)"
-    assert "share removed nan [nan, nan]" in text and "ON rate is 0" in text
+    assert "share removed undefined: no hacking with the expert ON" in text
+    assert "share kept undefined: no solving with the expert ON" in text
+    assert "nan" not in text.split("\n", 3)[3] and "ON rate is 0" in text
     with pytest.raises(KeyError, match="ablation"):
         stats.format_final_line({})
 
@@ -354,3 +356,54 @@ def test_ci_to_dict_roundtrip():
     ci = CI(0.5, 0.4, 0.6, n_problems=10)
     assert ci.to_dict() == {"point": 0.5, "lo": 0.4, "hi": 0.6, "n_problems": 10}
     assert ci.fmt() == "0.500 [0.400, 0.600]"
+
+
+def test_trained_share_removed_measures_against_the_base_rate():
+    # ON hacks 0.8, OFF 0.3, base 0.2: (0.8 - 0.3) / (0.8 - 0.2) = 5/6, against 5/8 of ON
+    rng = np.random.default_rng(3)
+    n = 400
+    rows = []
+    for cond, rate in (("on", 0.8), ("off", 0.3), ("base", 0.2)):
+        rows.append(pd.DataFrame({"problem_id": np.arange(n), "condition": cond,
+                                  "is_hack": rng.random(n) < rate}))
+    df = pd.concat(rows, ignore_index=True)
+    on, off, base = (df[df.condition == c].is_hack.mean() for c in ("on", "off", "base"))
+    ci = stats.trained_share_removed(df, n=300)
+    assert ci.point == pytest.approx((on - off) / (on - base))
+    assert ci.lo < ci.point < ci.hi and ci.contains(5 / 6)
+    assert ci.point > stats.paired_comparison(df, "is_hack", n=50).removed.point
+
+
+def test_trained_share_is_undefined_when_on_does_not_exceed_base():
+    df = pd.concat([pd.DataFrame({"problem_id": range(4), "condition": c, "is_hack": v})
+                    for c, v in (("on", [1, 0, 0, 0]), ("off", [0] * 4),
+                                 ("base", [1, 1, 0, 0]))], ignore_index=True)
+    ci = stats.trained_share_removed(df, n=50)
+    assert math.isnan(ci.point) and "does not exceed base" in ci.reason
+    assert stats.share_text(ci, stats.UNDEFINED_TRAINED) == (
+        "undefined: no trained hacking (ON does not exceed the base model)")
+
+
+def test_share_text_shows_a_ci_words_or_nothing_but_never_nan():
+    assert stats.share_text(CI(0.4, 0.2, 0.6), "x") == "0.400 [0.200, 0.600]"
+    nan = float("nan")
+    assert stats.share_text(CI(nan, nan, nan), "no hacking") == "undefined: no hacking"
+    # a tiny ON rate: a point with no CI (solve 0.04 gave "share kept 2.500") is not shown
+    tiny = CI(2.5, float("nan"), float("nan"), reason="ON is 0 in 300/1000 resamples")
+    assert stats.share_text(tiny, "x").startswith("not shown")
+    assert stats.share_text({"point": 2.5, "lo": None, "hi": None}, "x").startswith("not shown")
+
+
+def test_auroc_ci_resamples_problems_with_their_rows():
+    rng = np.random.default_rng(5)
+    n, k = 60, 4
+    hack = rng.random(n * k) < 0.4
+    df = pd.DataFrame({"problem_id": np.repeat(np.arange(n), k), "is_hack": hack,
+                       "w": hack * 0.3 + rng.random(n * k)})          # informative, noisy
+    ci = stats.auroc_ci(df, "w", "is_hack", n=300)
+    assert ci.point == pytest.approx(stats.auroc(df.w, df.is_hack))
+    assert 0.5 < ci.lo < ci.point < ci.hi <= 1 and ci.n_problems == n
+    perfect = stats.auroc_ci(df.assign(w=df.is_hack.astype(float)), "w", "is_hack", n=100)
+    assert tuple(perfect) == (1.0, 1.0, 1.0)
+    one_class = stats.auroc_ci(df.assign(is_hack=True), "w", "is_hack", n=50)
+    assert math.isnan(one_class.point) and "one class" in one_class.reason

@@ -646,7 +646,6 @@ class Worker:
         program directly.
         """
         import select
-        import socket
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         k = 0
@@ -814,7 +813,6 @@ class Worker:
     # -- the worker: one program -----------------------------------------------------------
 
     def run(self, job: dict) -> tuple[dict, bytes, bytes]:
-        import socket
         timeout = float(job["timeout"])
         workdir = ""
         if not self.isolated:
