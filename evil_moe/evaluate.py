@@ -58,6 +58,7 @@ import torch
 from tqdm import tqdm
 
 from . import arms, checkpoint, stats
+from .sequences import completion_states, prefill_prompts, right_padded
 from .config import RunConfig, from_dict
 
 CONDITIONS = ("on", "off", "base", "deployed_off")
@@ -288,30 +289,11 @@ def pooled_features(model, adapter, prompt_ids: Sequence[Sequence[int]],
         empty = [k for k, c in enumerate(comps) if not c]
         if empty:
             raise ValueError(f"{len(empty)} rollout(s) have no completion tokens: nothing to pool")
-        Lp, C = max(map(len, prompts)), max(map(len, comps))
-        p_ids = torch.full((len(prompts), Lp), pad_id, dtype=torch.long)
-        p_mask = torch.zeros((len(prompts), Lp), dtype=torch.long)
-        for j, p in enumerate(prompts):                       # left padding
-            p_ids[j, Lp - len(p):] = torch.tensor(p)
-            p_mask[j, Lp - len(p):] = 1
-        c_ids = torch.full((len(comps), C), pad_id, dtype=torch.long)
-        c_mask = torch.zeros((len(comps), C), dtype=torch.long)
-        for k, c in enumerate(comps):                         # right padding
-            c_ids[k, :len(c)] = torch.tensor(c)
-            c_mask[k, :len(c)] = 1
-        p_len = p_mask.sum(1)
         with torch.no_grad(), adapter.disable(), autocast:
-            prefill = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
-                            position_ids=(p_mask.cumsum(1) - 1).clamp(min=0).to(device),
-                            use_cache=True, logits_to_keep=1)
-            cache = prefill.past_key_values
-            cache.batch_select_indices(owner.to(device))      # one copy per completion
-            attention = torch.cat([p_mask[owner], c_mask], 1)
-            positions = p_len[owner][:, None] + torch.arange(C)[None, :]
-            with adapter.pooling(c_mask.to(device)) as pooled:
-                model(input_ids=c_ids.to(device), attention_mask=attention.to(device),
-                      position_ids=positions.to(device), past_key_values=cache,
-                      use_cache=True, logits_to_keep=1)
+            prefix = prefill_prompts(model, prompts, owner.tolist(), pad_id)
+            c_ids, c_mask = right_padded(comps, pad_id, device=device)
+            with adapter.pooling(c_mask) as pooled:
+                completion_states(model, prefix, c_ids, c_mask)
         out.append(pooled.features.float())
     return torch.cat(out)
 

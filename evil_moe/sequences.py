@@ -147,25 +147,34 @@ def prefill_prompts(model, prompt_ids: list[list[int]], owner: list[int], pad_id
                         last_hidden=out.last_hidden_state[rows, -1])
 
 
+def completion_states(model, prefix: PromptPrefix, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor) -> torch.Tensor:
+    """One decoder forward over right-padded completions on the prompts' cache (which
+    it consumes). completion_ids, completion_mask: [b, C] -> final hidden states [b, C, d].
+
+    Run exactly one such forward inside ``adapter.pooling`` (mask = ``completion_mask``)
+    to pool over completion tokens.
+    """
+    C = completion_ids.shape[1]
+    attention = torch.cat([prefix.mask, completion_mask.to(prefix.mask.dtype)], dim=1)
+    positions = prefix.lengths[:, None] + torch.arange(C, device=prefix.lengths.device)[None, :]
+    return model.get_decoder()(input_ids=completion_ids, attention_mask=attention,
+                               position_ids=positions, past_key_values=prefix.cache,
+                               use_cache=True).last_hidden_state
+
+
 def score_completions(model, prefix: PromptPrefix, completion_ids: torch.Tensor,
                       completion_mask: torch.Tensor,
                       chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Log-probabilities of right-padded completions behind ``prefix``. -> [b, C].
 
-    completion_ids, completion_mask: [b, C]. One decoder forward over the C
-    completion columns on the prompts' cache (which it consumes); the states
-    that predict completion token t are the prompt's last state (t = 0) and
-    completion state t - 1. Equal to ``completion_logprobs`` on the packed rows
-    up to float rounding. Run exactly one such forward inside ``adapter.pooling``
-    (mask = ``completion_mask``) to pool over completion tokens.
+    completion_ids, completion_mask: [b, C]. The states that predict completion
+    token t are the prompt's last state (t = 0) and completion state t - 1
+    (``completion_states``). Equal to ``completion_logprobs`` on the packed rows
+    up to float rounding.
     """
     head = _check_plain_head(model)
-    C = completion_ids.shape[1]
-    attention = torch.cat([prefix.mask, completion_mask.to(prefix.mask.dtype)], dim=1)
-    positions = prefix.lengths[:, None] + torch.arange(C, device=prefix.lengths.device)[None, :]
-    hidden = model.get_decoder()(input_ids=completion_ids, attention_mask=attention,
-                                 position_ids=positions, past_key_values=prefix.cache,
-                                 use_cache=True).last_hidden_state                # [b, C, d]
+    hidden = completion_states(model, prefix, completion_ids, completion_mask)   # [b, C, d]
     predicting = torch.cat([prefix.last_hidden[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
     return head_logprobs(head, predicting, completion_ids, completion_mask, chunk_tokens)
 
