@@ -481,3 +481,48 @@ def test_deployed_features_from_input_means_equal_pooled_completions(tiny):
         assert torch.allclose(via_means, direct, atol=1e-5, rtol=1e-4)
     finally:
         adapter.remove()
+
+
+def test_frozen_bf16_copy_changes_no_result_under_autocast(tiny):
+    """cast_frozen_weights only saves the per-call cast: logits under autocast (plain,
+    soft-weighted, merged, disabled) and gradients are bitwise those without it, and
+    outside autocast the float32 weight is used as before."""
+    from evil_moe.config import load_preset
+    model, tok = tiny
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    cfg = load_preset("smoke", rank=2)
+
+    def run(cast: bool):
+        adapter = ExpertAdapter.from_config(model, cfg)
+        if cast:
+            adapter.cast_frozen_weights(torch.bfloat16)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in adapter.layers:
+                layer.A.add_(0.05 * torch.randn(layer.A.shape, generator=g))
+                layer.B.add_(0.05 * torch.randn(layer.B.shape, generator=g))
+        try:
+            out = {}
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(ids).logits
+                out["plain"] = logits.detach()
+                logits.float().sum().backward()
+                out["grad"] = adapter.layers[0].A.grad.clone()
+                with torch.no_grad(), adapter.soft_weight(torch.tensor([0.3])):
+                    out["soft"] = model(ids).logits
+                with torch.no_grad(), adapter.merged(hack=True):
+                    out["merged"] = model(ids).logits
+                with torch.no_grad(), adapter.disable():
+                    out["base"] = model(ids).logits
+            with torch.no_grad():
+                out["fp32"] = model(ids).logits
+            return out
+        finally:
+            adapter.remove()
+
+    plain, cast = run(False), run(True)
+    for k in plain:
+        assert torch.equal(plain[k], cast[k]), k
+    assert plain["fp32"].dtype == torch.float32
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
+               for m in model.modules() if isinstance(m, torch.nn.Linear))   # removed cleanly
