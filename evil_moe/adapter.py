@@ -156,12 +156,15 @@ class TwoExpertLinear(nn.Module):
         r = self.r
         if self.disabled or self.merged:  # base weights only (merged: W already holds the delta)
             if self.pool is not None:
-                self.pool.add(self.index, x.to(self.A.dtype) @ self.A[:r].T)
+                xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.A.dtype)
+                self.pool.add(self.index, xa @ self.A[:r].T)
             return y
         A_cat, B_cat = self.stacked()
         if self.w is not None:  # frozen twin of the deployed A_d - A0_d rows, see _soft_weight
             A_cat = torch.cat([A_cat, A_cat[:r].detach()])
-        z = x.to(A_cat.dtype) @ A_cat.T  # [B, L, 4r] = [u_d, h0_d | u_h, h0_h] (+ twin of u_d)
+        # (under autocast the matmul runs in bf16 anyway: casting x up first would only copy it)
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(A_cat.dtype)
+        z = xa @ A_cat.T  # [B, L, 4r] = [u_d, h0_d | u_h, h0_h] (+ twin of u_d)
         if self.pool is not None:  # deployed bottleneck A_d x = (A_d - A0_d) x + A0_d x
             self.pool.add(self.index, z[..., :r] + z[..., r:2 * r])
         if self.w is not None:
