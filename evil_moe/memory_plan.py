@@ -220,10 +220,13 @@ class Plan:
 def _resident(cfg: RunConfig, arch: Arch) -> dict[str, int]:
     targets = [m for m in arch.module_dims() if m in cfg.target_modules]
     adapter = arch.n_layers * sum(2 * cfg.rank * sum(arch.module_dims()[m]) for m in targets)
-    return {"base weights": arch.params() * DTYPE_BYTES[cfg.dtype],
-            "adapter A, B (float32)": 4 * adapter,
-            "frozen copies A0, B0": 4 * adapter,
-            "AdamW moments (2x adapter)": 8 * adapter}
+    parts = {"base weights": arch.params() * DTYPE_BYTES[cfg.dtype],
+             "adapter A, B (float32)": 4 * adapter,
+             "frozen copies A0, B0": 4 * adapter,
+             "AdamW moments (2x adapter)": 8 * adapter}
+    if cfg.bf16_autocast and cfg.dtype != "bfloat16":    # ExpertAdapter.cast_frozen_weights
+        parts["bf16 copy of the wrapped weights"] = arch.linear_params() * 2
+    return parts
 
 
 def _act_bytes(cfg: RunConfig) -> int:
@@ -240,7 +243,8 @@ def phases(cfg: RunConfig, arch: Arch, chunk_rows: int, micro_batch: int,
     adapter = res["adapter A, B (float32)"]
     kv = chunk_rows * L * arch.kv_bytes_per_token(e)
     sample = Phase("sample", dict(res))
-    sample.parts["merged weight copies"] = arch.linear_params() * DTYPE_BYTES[cfg.dtype]
+    sample.parts["merged weight copies"] = arch.linear_params() * (
+        DTYPE_BYTES[cfg.dtype] + (2 if "bf16 copy of the wrapped weights" in res else 0))
     sample.parts[f"KV cache ({chunk_rows} rows x {L} tokens)"] = kv + kv // n
     sample.parts["decode logits [rows, V] + 3 float32 copies"] = chunk_rows * V * (e + 12)
 
