@@ -52,7 +52,8 @@ def test_cpu_study_is_cpu_demo_with_every_arm_three_seeds_and_the_new_measuremen
     demo = config.load_preset("cpu-demo").to_dict()
     study = config.load_preset("cpu-study").to_dict()
     differ = {k for k in demo if demo[k] != study[k]}
-    assert differ == {"preset", "arms", "seeds", "solve_split", "eval_deployed_off"}
+    assert differ == {"preset", "arms", "seeds", "solve_split", "eval_deployed_off",
+                      "expected_minutes"}     # each preset states its own measured budget
     assert study["arms"] == list(arms.DISPLAY_ORDER) and study["seeds"] == [0, 1, 2]
     assert (study["solve_split"], study["eval_deployed_off"]) == ("tier1", True)
     assert 1 not in study["tiers"]                             # tier 1 is held out of training

@@ -491,8 +491,16 @@ def test_deployed_off_removes_the_deployed_block_keeps_the_hack_expert_and_resto
         after = run.adapter.state_dict()
         assert all(torch.equal(after[k], perturbed[k]) for k in after)   # restored bitwise
         mirror = out.df[out.df.condition == "deployed_off"]
-        # the deployed block at its init and the hack block as trained: the hacking text
-        assert list(mirror.completion) == list(res.df[res.df.condition == "on"].completion)
+        # the same as the hack block alone, merged by hand (deployed block at its init)
+        with torch.no_grad():
+            for layer in run.adapter.layers:
+                layer.A[:r], layer.B[:, :r] = layer.A0[:r], layer.B0[:, :r]
+        by_hand = evaluate.evaluate_run(run, problems, out_dir=tmp_path / "by_hand",
+                                        conditions=("on",),
+                                        grade_fn=lambda p, t: scripted_verdicts(p, t),
+                                        progress=False, verbose=False)
+        assert list(mirror.completion) == list(by_hand.df.completion)
+        assert list(mirror.completion) != list(out.df[out.df.condition == "on"].completion)
         assert out.summary["mirror"]["hack"]["column"] == "is_hack"
     finally:
         run.adapter.load_state_dict(before)

@@ -223,7 +223,7 @@ def test_echo_shows_the_notebooks_output_while_it_runs(tmp_path, capsys):
     nb_dir = write_notebooks(tmp_path / "notebooks")
     step = pipeline.Step(notebook="02_second", source=nb_dir / "02_second.ipynb",
                          out_dir=tmp_path / "run", parameters={"run_dir": str(tmp_path / "run")},
-                         fingerprint="x")
+                         inputs={"data": "x", "library": "y"})
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "first.json").write_text('{"arm": "a", "seed": 0}')
     pipeline.execute_step(step, echo=True)
