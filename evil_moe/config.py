@@ -169,7 +169,8 @@ class RunConfig:
     share_prompt_forward: bool = _f(True, "Run each prompt once per micro-batch and its G "
                                     "completions on the shared KV cache wherever that is exact: "
                                     "the base-model pass of every arm, and the training forward of "
-                                    "arms without a router (vanilla; not under gradient_checkpointing, "
+                                    "arms without per-rollout weights (vanilla; not under "
+                                    "gradient_checkpointing, "
                                     "whose recompute cannot replay a KV cache). False runs every "
                                     "rollout whole (same result up to float rounding, slower).")
     sample_chunk_rows: int = _f(0, "Rollouts decoded together (their KV cache is what sampling "

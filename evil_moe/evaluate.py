@@ -70,7 +70,6 @@ SOLVE_PREFIX = "solve_"
 SUMMARY_FILE = "summary.json"
 SHARD_DIR = "eval_shards"
 CONFIG_FILE = "config.json"
-V_ACT_FILE = "v_act.safetensors"
 ROUTED_ARMS = arms.ROUTED_ARMS
 HAAR_SEED_OFFSET = 2000
 """The comparison router's direction uses ``seed + 2000``; the ``haar`` training arm

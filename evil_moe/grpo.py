@@ -19,8 +19,8 @@ One step, top to bottom (``train_step``):
    ``w`` is the strict hack label from step 3 (seen with probability
    ``oracle_label_recall``);
 7. the training forward applies ``w`` (hack block scaled by ``w``, deployed
-   block's gradient scaled by ``1 - w``); without a router (vanilla) the prompt
-   is shared as in step 5, with gradient; the loss is
+   block's gradient scaled by ``1 - w``); without per-rollout weights (vanilla)
+   the prompt is shared as in step 5, with gradient; the loss is
 
        loss = PG + beta * KL_k3(policy || base) + lambda_pin * pin
 
@@ -68,12 +68,12 @@ from tqdm import tqdm
 
 from . import arms, checkpoint, memory_plan
 from .config import RunConfig
+from .vact import V_ACT_FILE
 from .sequences import (completion_logprobs, pack_rollouts, prefill_prompts, right_padded,
                         score_completions)
 
 ROUTED_ARMS = arms.ROUTED_ARMS
 PINNED_ARMS = arms.PINNED_ARMS
-V_ACT_FILE = "v_act.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -348,12 +348,13 @@ def _pair_features(cfg: RunConfig, adapter, hack_x: list, clean_x: list):
 
 
 def routing_weights(state: TrainState, step: int, features: torch.Tensor,
-                    is_hack: torch.Tensor | None) -> Callable[[slice], torch.Tensor | None]:
+                    is_hack: torch.Tensor | None) -> Callable[[torch.Tensor],
+                                                              torch.Tensor | None]:
     """Step 6: the soft weight ``w`` of the step's rollouts, one micro-batch at a time.
 
-    ``features: [B, M, r]`` (group-major, G rows per prompt). Returns ``w_of(sl)``:
-    ``w: [b]`` for rows ``sl``, or None when the arm does not route (vanilla).
-    - routed arms: ``router(f[sl])`` with grad into the router (computed per
+    ``features: [B, M, r]`` (group-major, G rows per prompt). Returns ``w_of(rows)``:
+    ``w: [b]`` for the row indices ``rows``, or None when the arm does not route (vanilla).
+    - routed arms: ``router(f[rows])`` with grad into the router (computed per
       micro-batch, so each micro-batch's backward has its own graph); ``f`` is the
       features centred within each group (``router_centering='group'``); under
       ``router_calibration='batch'`` the router first observes all of the step's
@@ -372,14 +373,14 @@ def routing_weights(state: TrainState, step: int, features: torch.Tensor,
         rng = np.random.default_rng([cfg.seed, step, state.accelerator.process_index])
         keep = torch.from_numpy(rng.random(len(is_hack)) < cfg.oracle_label_recall)
         w = (is_hack.bool() & keep).float().to(features.device)
-        return lambda sl: w[sl]
+        return lambda rows: w[rows]
     if router is None:
-        return lambda sl: None
+        return lambda rows: None
     feats = center_groups(features, cfg.group_size) if cfg.router_centering == "group" \
         else features
     if router.calibration == "batch":
         router.observe(state.accelerator.gather(feats.contiguous()))
-    return lambda sl: router(feats[sl])
+    return lambda rows: router(feats[rows])
 
 
 def _autocast(cfg: RunConfig, model):
@@ -490,14 +491,13 @@ def train_step(state: TrainState, step: int) -> dict:
     score = functools.partial(_score_rows, model, group_prompts, owner, completion_ids,
                               pad_id=tok.pad_token_id, chunk_tokens=cfg.logprob_chunk_tokens)
     ref_logp = torch.zeros(mask.shape, device=dev)                           # [B, C]
-    pooled_rows, pooled_feats = [], []
+    pooled_feats = []
     with torch.no_grad(), adapter.disable(), _autocast(cfg, model):
-        for rows in _consecutive_batches(B, mb):
+        for rows in _consecutive_batches(B, mb):                             # rows in order
             logp, feats = score(rows, shared=cfg.share_prompt_forward, pool=adapter)
             ref_logp[rows, :logp.shape[1]] = logp
-            pooled_rows.append(rows)
             pooled_feats.append(feats)
-    features = torch.cat(pooled_feats)[torch.cat(pooled_rows).argsort()]       # [B, M, r]
+    features = torch.cat(pooled_feats)                                        # [B, M, r]
 
     # 6-7. soft weights, training forward/backward in micro-batches. Without per-rollout
     #    weights (vanilla) every rollout of a prompt has the same adapter forward, so the
@@ -572,6 +572,7 @@ def train_step(state: TrainState, step: int) -> dict:
     # each process's sums are its share of the global token-normalised terms
     pg_total, kl_total = acc.reduce(torch.tensor([pg_total, kl_total], dtype=torch.float64,
                                                  device=dev), "sum").tolist()
+    w_hack, w_not_hack = _nanmean(w[hack == 1]), _nanmean(w[hack == 0])
     metrics = {
         "step": step,
         "reward": r.mean().item(),
@@ -580,9 +581,9 @@ def train_step(state: TrainState, step: int) -> dict:
         "compile_rate": comp.mean().item(),
         "run_tests_rate": rt.mean().item(),
         "w_mean": _nanmean(w),
-        "w_hack": _nanmean(w[hack == 1]),
-        "w_not_hack": _nanmean(w[hack == 0]),
-        "w_gap": _nanmean(w[hack == 1]) - _nanmean(w[hack == 0]),
+        "w_hack": w_hack,
+        "w_not_hack": w_not_hack,
+        "w_gap": w_hack - w_not_hack,
         "w_auroc": _w_auroc(w, hack),
         "uses_labels": arms.get(cfg.arm).uses_labels,
         "kl": kl_total,
@@ -711,12 +712,11 @@ def _check_finite(loss: torch.Tensor, step: int, state: TrainState, **terms) -> 
 # Fields that do not change what training computes; a resumed run may differ in them.
 RESUME_FREE_FIELDS = ("preset", "device", "arms", "seeds", "test_problems", "eval_samples",
                       "eval_temperature", "eval_max_new_tokens", "bootstrap", "checkpoint_every",
-                      "sample_every", "sandbox_workers", "expected_minutes",
+                      "sample_every", "sandbox_workers", "expected_minutes", "solve_split",
+                      "eval_deployed_off",
                       # memory and speed, not math
                       "sample_chunk_rows", "logprob_chunk_tokens", "share_prompt_forward",
-                      "gradient_checkpointing", "micro_batch_size",
-                      "solve_split",
-                      "eval_deployed_off")
+                      "gradient_checkpointing", "micro_batch_size")
 
 
 def _check_resumable(cfg: RunConfig, saved: dict, run_dir: Path) -> None:

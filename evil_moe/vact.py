@@ -25,6 +25,9 @@ from .adapter import ExpertAdapter, pool_completions
 from .models import format_chat
 from .pairs import Pair
 
+V_ACT_FILE = "v_act.safetensors"
+"""The file in a run folder that holds the run's v_act (``save_v_act``)."""
+
 DirectionFn = Callable[[Tensor, Tensor], Tensor]
 
 
