@@ -40,7 +40,8 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 
     rules: ``choices`` (allowed values, or allowed items for a list), ``min``
     (inclusive lower bound), ``gt`` (exclusive lower bound), ``max`` (inclusive
-    upper bound).
+    upper bound), ``auto`` (the value 'auto' is accepted and replaced by
+    ``auto(values)``, values being the raw mapping under validation).
     """
     meta = {"help": help, **rules}
     if isinstance(default, (list, dict)):
@@ -186,7 +187,12 @@ class RunConfig:
                                    "head runs in chunks and is recomputed in the backward); memory, "
                                    "not math.", min=1)
     bf16_autocast: bool = _f(False, "Run model forwards under bfloat16 autocast (fast on GPUs and "
-                             "on CPUs with AMX/AVX512-BF16); master weights stay in dtype.")
+                             "on CPUs with AMX/AVX512-BF16); master weights stay in dtype. "
+                             "'auto' turns it on exactly where bfloat16 matmuls are native "
+                             "(evil_moe.hardware.native_bf16: emulated ones are ~80x slower "
+                             "than float32) and is resolved to true or false when the config "
+                             "is loaded, so run folders and manifests record what ran.",
+                             auto=lambda values: _native_bf16(values.get("device", "auto")))
     checkpoint_every: int = _f(1, "Save a resumable checkpoint every N steps.", min=1)
     sample_every: int = _f(1, "Save sample completions every N steps.", min=1)
 
@@ -241,6 +247,11 @@ def _type_name(tp: Any) -> str:
 
 
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _native_bf16(device: str) -> bool:
+    from .hardware import native_bf16
+    return native_bf16(device)[0]
 
 
 def _check_scalar(key: str, tp: type, value: Any, source: str) -> Any:
@@ -298,6 +309,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
                 _check_rules(key, v, meta, source)
             clean[key] = items
         else:
+            if value == "auto" and "auto" in meta:    # resolved now, from the other values
+                value = meta["auto"](values)
             v = _check_scalar(key, tp, value, source)
             _check_rules(key, v, meta, source)
             clean[key] = v
@@ -327,6 +340,8 @@ def load_preset(name_or_path: str | Path, **overrides: Any) -> RunConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     cfg = from_dict(values, source=str(p))
-    if "preset" not in values:
+    if overrides:       # validated with the file's values, so 'auto' sees an overridden device
+        cfg = from_dict({**values, **overrides}, source="override")
+    if "preset" not in values and "preset" not in overrides:
         cfg.preset = p.stem
-    return cfg.replace(**overrides) if overrides else cfg
+    return cfg

@@ -1004,7 +1004,40 @@ def headline(agg: dict[str, Any], named: Sequence[str] = ("oracle", "evil_moe", 
             texts[f"{arm}_auroc{suffix}_text"] = (
                 stats.share_text(entry, entry.get("reason") or "not measured") if entry
                 else r.get("reason") or missing)
+    texts["answer_text"] = answer_text(texts, contrast.get("evil_moe"))
     return nums, texts
+
+
+def answer_text(texts: dict[str, str], contrast: Any) -> str:
+    """The book's first sentence, from :func:`headline`'s texts and the evil_moe-minus-
+    control drop contrast (a CI mapping, or None when it was not measured): what removing
+    the hack expert took out, against the label-routed ceiling, and whether it beats
+    removing the same block of the unrouted control."""
+    if contrast is None or math.isnan(_point_of(contrast)):
+        verdict = (f"the contrast with the unrouted {arms.CONTROL} control was not measured "
+                   "in these runs, so they give no answer yet")
+    else:
+        ci = stats.share_text(contrast, "not measured")
+        lo, hi = contrast.get("lo", math.nan), contrast.get("hi", math.nan)
+        if lo > 0:
+            verdict = (f"that is more than removing the same block of the unrouted "
+                       f"{arms.CONTROL} control takes out: the extra drop, {ci}, excludes 0")
+        elif hi < 0:
+            verdict = (f"that is less than removing the same block of the unrouted "
+                       f"{arms.CONTROL} control takes out: the difference, {ci}, excludes 0")
+        else:
+            verdict = (f"these runs cannot tell it from removing the same block of the "
+                       f"unrouted {arms.CONTROL} control: the difference in drops, {ci}, "
+                       f"includes 0")
+    def share(key: str) -> str:        # "0.395 [0.237, 0.538]", or words in brackets
+        text = texts[key]
+        return text if text[:1].isdigit() or text[:1] == "-" else f"a share ({text})"
+
+    return (f"Removing the label-free router's hack expert (evil_moe) took out "
+            f"{share('evil_moe_trained_removed_text')} of the hacking its training added "
+            f"({share('evil_moe_hack_removed_text')} of all its hacking with the expert ON), "
+            f"against {share('oracle_trained_removed_text')} for the label-routed ceiling "
+            f"(oracle); {verdict}.")
 
 
 def training_separation(metrics: dict[str, pd.DataFrame]) -> pd.DataFrame:

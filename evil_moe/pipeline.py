@@ -66,7 +66,7 @@ from typing import Any
 
 import yaml
 
-from . import paths
+from . import hardware, paths
 from .config import RunConfig, preset_path
 from .digest import sha256_file
 
@@ -715,6 +715,10 @@ FIGURES_NOTEBOOK = "04_figures"
 RESULTS_TEMPLATE = "book/results.template.md"
 """The results page's source; ``$preset`` names the preset whose figures it glues,
 ``$provenance`` becomes :func:`provenance_notice`."""
+HEADLINE_TEMPLATE = "book/headline.template.md"
+"""The answer that leads the built book's first page; ``$preset`` as above."""
+RUN_ROOT_PAGE = "book/runs/intro"
+"""The built book's root page when a preset's figures ran: the intro led by the answer."""
 
 
 def provenance_notice(manifest: dict[str, Any]) -> str:
@@ -754,7 +758,22 @@ def _render_run_pages(book_root: Path, manifest: dict[str, Any], finals: list[St
     page = book_root / "book" / "runs" / "results.md"
     page.write_text(string.Template(template.read_text()).substitute(
         preset=manifest["preset"], provenance=provenance_notice(manifest)))
+    _render_root_page(book_root, manifest)
     return list(RUN_PAGES)
+
+
+def _render_root_page(book_root: Path, manifest: dict[str, Any]) -> None:
+    """Write ``book/runs/intro.md``, the built book's first page: the committed
+    ``book/intro.md`` with the answer (``HEADLINE_TEMPLATE``, glued from this preset's
+    figures notebook) right under its title, before the tour of the book. The prose
+    book without runs keeps ``book/intro.md`` as its root. (intro.md must not link
+    relatively: the copy lives one folder down.)"""
+    intro = (book_root / "book" / "intro.md").read_text()
+    title, _, rest = intro.partition("\n")
+    headline = string.Template((book_root / HEADLINE_TEMPLATE).read_text()).substitute(
+        preset=manifest["preset"])
+    (book_root / RUN_ROOT_PAGE).with_suffix(".md").write_text(
+        f"{title}\n\n{headline.strip()}\n\n{rest.lstrip()}")
 
 
 def publish_to_book(manifest: dict[str, Any], chains: list[list[Step]], finals: list[Step],
@@ -786,6 +805,7 @@ def publish_to_book(manifest: dict[str, Any], chains: list[list[Step]], finals: 
         toc["parts"] = [{"chapters": toc.pop("chapters")}] if "chapters" in toc else []
     parts = toc["parts"]
     if run_pages:
+        toc["root"] = RUN_ROOT_PAGE
         results = {"caption": "Results", "chapters": [{"file": p} for p in run_pages]}
         at = next((i for i, p in enumerate(parts) if p.get("caption") == RUN_PAGES_BEFORE),
                   len(parts))
@@ -883,6 +903,7 @@ def run(cfg: RunConfig, preset: str, force: bool = False, runs_root: str | Path 
     chains, finals = plan(cfg, preset, runs_root, notebooks_dir, per_run, per_preset, data)
     log(f"preset {cfg.preset}: arms {', '.join(cfg.arms)}; seeds "
         f"{', '.join(map(str, cfg.seeds))}; runs in {runs_root / cfg.preset}")
+    log(hardware.precision_line(cfg))
     if cfg.expected_minutes:
         log(f"expected duration: about {cfg.expected_minutes:g} min from an empty cache on a "
             f"quiet 2-core machine (measured; steps already done are skipped)")

@@ -564,3 +564,29 @@ def test_group_centring_at_evaluation_uses_the_k_samples_of_a_problem(hacking_ru
         uncentred = run.router(feats).numpy()
     np.testing.assert_allclose(res.df.w.to_numpy(), expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(res.df.w.to_numpy(), uncentred)
+
+
+def test_answer_sentence_follows_the_contrast_and_never_prints_nan(tmp_path):
+    # evil_moe's OFF hack rate far below vanilla's: the contrast excludes 0
+    dirs = [_fake_run(tmp_path, arm, s, with_w=arm == "evil_moe",
+                      p_off=0.65 if arm == "vanilla" else 0.1)
+            for arm in ("vanilla", "evil_moe", "oracle") for s in (0, 1)]
+    nums, texts = evaluate.headline(evaluate.aggregate_arms(dirs, n_boot=200, verbose=False))
+    answer = texts["answer_text"]
+    assert "more than removing the same block of the unrouted vanilla control" in answer
+    assert "nan" not in answer and "for the label-routed ceiling (oracle)" in answer
+    # the same OFF rate as the control: an interval around 0
+    same = [_fake_run(_sub(tmp_path, "same"), arm, s, with_w=arm == "evil_moe", p_off=0.65)
+            for arm in ("vanilla", "evil_moe") for s in (0, 1)]
+    _, texts = evaluate.headline(evaluate.aggregate_arms(same, n_boot=200, verbose=False))
+    assert "cannot tell it from removing the same block" in texts["answer_text"]
+    assert "a share (not run)" in texts["answer_text"]          # no oracle among these runs
+    # no control: no answer, said in words
+    alone = [_fake_run(_sub(tmp_path, "alone"), "evil_moe", 0, with_w=True, p_off=0.1)]
+    _, texts = evaluate.headline(evaluate.aggregate_arms(alone, n_boot=200, verbose=False))
+    assert "give no answer yet" in texts["answer_text"]
+
+
+def _sub(tmp_path, name):
+    (tmp_path / name).mkdir(exist_ok=True)
+    return tmp_path / name

@@ -358,6 +358,14 @@ def test_generated_toc_inserts_run_pages_before_reproduce(env, tmp_path, monkeyp
     monkeypatch.setattr(pipeline, "FIGURES_NOTEBOOK", "04_all")
     toc = yaml.safe_load(pipeline.publish_to_book(m, chains, finals, root).read_text())
     assert "$preset" not in (root / "book" / "runs" / "results.md").read_text()
+    # the built book opens on the intro led by the answer glued from the runs
+    assert toc["root"] == pipeline.RUN_ROOT_PAGE
+    first = (root / pipeline.RUN_ROOT_PAGE).with_suffix(".md").read_text()
+    intro = (root / "book" / "intro.md").read_text()
+    assert first.startswith(intro.splitlines()[0] + "\n")
+    assert first.index("smoke/04_figures.ipynb::answer_text") < first.index(
+        "## How the book is organised")
+    assert "$preset" not in first and intro.splitlines()[-1] in first
     captions = [p["caption"] for p in toc["parts"]]
     assert captions[-1] == "Appendix: the smoke runs"
     if pipeline.RUN_PAGES_BEFORE in captions:

@@ -1,0 +1,182 @@
+"""Measure the router options on fresh rollouts of the training problems (a validation
+draw, never the held-out test split), side by side on the same rollouts.
+
+    python scripts/router_options.py --preset cpu-demo --seed 0 --batches 4
+
+For one seed: the run's warm-started base model and ``v_act`` (extracted as notebook
+01 does), then ``--batches`` GRPO-shaped batches (``prompts_per_step`` training
+problems x ``group_size`` rollouts, drawn with step numbers from 10,000 on, so they are
+not the draws training uses), graded, and their pooled deployed features from the
+base-model pass exactly as ``grpo.train_step`` step 5 computes them. Each option
+(``router_centering`` x ``router_calibration``, and the Haar start as the chance
+reference) then builds its router as ``grpo.setup`` does (gate from the direction,
+calibrated on the authored pairs) and scores every rollout, as ``train_step`` step 6
+does at step 0. Printed and written to ``--out`` per option: the AUROC of ``w``
+against the grader's strict hack label (with a bootstrap CI over problems), mean ``w``
+on hacks and on the rest, their gap, and the share of non-hack rollouts with
+``w > 0.5`` (how much honest learning the hack expert would take); every rollout's
+``w`` per option goes to the ``.parquet`` beside ``--out``.
+
+What this measures: the router as training starts, on on-policy rollouts of the
+warm-started base. It does not follow the router's learning over the steps (the pin
+loss and ``router_lr`` move the gate); ``metrics.jsonl``'s per-step ``w_auroc`` does.
+The grader's labels are read here for measurement only, as in ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from evil_moe import paths
+from evil_moe.config import load_preset
+from evil_moe.stats import auroc_ci
+
+OPTIONS = [("none", "pairs"), ("group", "pairs"), ("none", "batch"), ("group", "batch")]
+VALIDATION_STEP_OFFSET = 10_000
+"""Step numbers of the validation draws: far past any preset's steps, so the drawn
+problems and sampling streams are not the ones training uses."""
+
+
+def rollouts(state, n_batches: int):
+    """``n_batches`` step-shaped batches: (problem ids [B], is_hack [B], features [B, M, r])."""
+    from evil_moe import grpo
+    from evil_moe.rollout import sample
+
+    cfg, model, tok, adapter = state.cfg, state.model, state.tokenizer, state.adapter
+    G, ids, labels, feats = cfg.group_size, [], [], []
+    for b in range(n_batches):
+        t0 = time.perf_counter()
+        step = VALIDATION_STEP_OFFSET + b
+        chosen = grpo.step_problem_indices(len(state.problems), cfg.seed, step,
+                                           cfg.prompts_per_step)
+        prompts = [state.prompts[i] for i in chosen]
+        with adapter.merged(hack=True):
+            samples = sample(model, tok, prompts, G, temperature=cfg.temperature,
+                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             seed=grpo._step_seed(cfg.seed, step),
+                             autocast_bf16=cfg.bf16_autocast, chunk_rows=state.sample_chunk_rows,
+                             prompt_keys=range(len(chosen)))
+        texts = [t for group in samples.texts for t in group]
+        completion_ids = [c for group in samples.token_ids for c in group]
+        problems = [state.problems[i] for i in chosen for _ in range(G)]
+        verdicts = grpo._grade(state, problems, texts)
+        owner = [j for j in range(len(chosen)) for _ in range(G)]
+        group_prompts = [state.prompt_ids[i] for i in chosen]
+        pooled = []
+        with torch.no_grad(), adapter.disable(), grpo._autocast(cfg, model):
+            for rows in grpo._consecutive_batches(len(texts), cfg.micro_batch_size):
+                _, f = grpo._score_rows(model, group_prompts, owner, completion_ids, rows,
+                                        pad_id=tok.pad_token_id,
+                                        chunk_tokens=cfg.logprob_chunk_tokens,
+                                        shared=cfg.share_prompt_forward, pool=adapter)
+                pooled.append(f)
+        ids += [p.id for p in problems]
+        labels += [bool(v.is_hack) for v in verdicts]
+        feats.append(torch.cat(pooled).float().cpu())
+        print(f"  batch {b + 1}/{n_batches}: {len(texts)} rollouts, hack rate "
+              f"{np.mean([v.is_hack for v in verdicts]):.3f}, {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    return ids, np.array(labels), feats
+
+
+def option_weights(state, direction: torch.Tensor, centering: str, calibration: str,
+                   feats: list[torch.Tensor]) -> np.ndarray:
+    """``w`` of every rollout under one option, batch by batch as training would see it
+    at step 0 (one ``observe`` per batch under 'batch' calibration)."""
+    from evil_moe import grpo
+    from evil_moe.router import HackRouter, center_groups
+
+    cfg = state.cfg.replace(router_centering=centering, router_calibration=calibration)
+    router = HackRouter(direction, calibration, cfg.router_stats_momentum)
+    router.calibrate(*grpo._pair_features(cfg, state.adapter, state.pair_hack_x,
+                                          state.pair_clean_x))
+    router.train()
+    out = []
+    with torch.no_grad():
+        for f in feats:
+            f = center_groups(f, cfg.group_size) if centering == "group" else f
+            if calibration == "batch":
+                router.observe(f)
+            out.append(router(f).numpy())
+    return np.concatenate(out)
+
+
+def summarise(name: str, ids: list[str], labels: np.ndarray, w: np.ndarray, seed: int) -> dict:
+    df = pd.DataFrame({"problem_id": ids, "w": w, "is_hack": labels})
+    ci = auroc_ci(df, n=1000, seed=seed)
+    w_hack, w_rest = float(w[labels].mean()), float(w[~labels].mean())
+    return {"option": name, "auroc": ci.point, "auroc_lo": ci.lo, "auroc_hi": ci.hi,
+            "w_hack": w_hack, "w_not_hack": w_rest, "w_gap": w_hack - w_rest,
+            "not_hack_above_half": float((w[~labels] > 0.5).mean()),
+            "hack_above_half": float((w[labels] > 0.5).mean())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cpu-demo")
+    ap.add_argument("--seed", type=int, action="append",
+                    help="seed (repeatable; default 0)")
+    ap.add_argument("--batches", type=int, default=4, help="step-shaped batches per seed")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override (YAML value), e.g. bf16_autocast=false")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output (default runs/router-options/<preset>.json)")
+    args = ap.parse_args(argv)
+    import yaml
+
+    from evil_moe import grpo
+    from evil_moe.vact import haar_direction
+
+    overrides = {}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        overrides[k] = yaml.safe_load(v)
+    rows, per_rollout = [], []
+    for seed in args.seed or [0]:
+        cfg = load_preset(args.preset, seed=seed, arm="evil_moe", **overrides)
+        run_dir = paths.runs_dir() / "router-options" / f"{cfg.preset}-s{seed}"
+        print(f"seed {seed}: {run_dir}", flush=True)
+        t0 = time.perf_counter()
+        from evil_moe.warm_start import load_base_model
+        model_tok = load_base_model(cfg)
+        extraction = grpo.extract_v_act_for_run(cfg, run_dir, model_and_tokenizer=model_tok)
+        state = grpo.setup(cfg, run_dir, model_and_tokenizer=model_tok)
+        print(f"  setup {time.perf_counter() - t0:.0f} s; v_act leave-one-pair-out AUROC "
+              f"{extraction.loo_auroc:.3f}", flush=True)
+        ids, labels, feats = rollouts(state, args.batches)
+        M, r = feats[0].shape[1:]
+        starts = {"v_act": extraction.v_act, "haar": haar_direction(M, r, seed=cfg.seed + 1000)}
+        for start, direction in starts.items():
+            for centering, calibration in OPTIONS:
+                if start == "haar" and calibration == "batch":
+                    continue          # the chance reference needs one calibration only
+                w = option_weights(state, direction, centering, calibration, feats)
+                name = f"{start} centering={centering} calibration={calibration}"
+                per_rollout.append(pd.DataFrame({"seed": seed, "option": name,
+                                                 "problem_id": ids, "is_hack": labels, "w": w}))
+                rows.append({"seed": seed, "rollouts": len(labels),
+                             "hack_rate": float(labels.mean()),
+                             **summarise(name, ids, labels, w, seed)})
+        state.adapter.remove()
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.round(3).to_string(index=False))
+    out = args.out or paths.runs_dir() / "router-options" / f"{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"preset": args.preset, "batches": args.batches,
+                               "overrides": overrides, "rows": rows}, indent=2))
+    pd.concat(per_rollout).to_parquet(out.with_suffix(".parquet"), index=False)
+    print(f"wrote {out} and its per-rollout weights {out.with_suffix('.parquet')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
