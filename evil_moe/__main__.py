@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--extract-v-act", action="store_true",
                     help="extract v_act into the run dir first if it is missing")
     tr.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop (checkpointed, resumable) once N steps of the preset's schedule "
+                         "are done")
     sub.add_parser("describe", help="print every config field with its help text")
     _add_plan_parser(sub)
     args = parser.parse_args(argv)
@@ -92,7 +95,10 @@ def _train(args) -> int:
         if state.is_main_process:
             grpo.extract_v_act_for_run(cfg, run_dir)
         state.wait_for_everyone()
-    grpo.train(cfg, run_dir, resume=not args.no_resume)
+    if args.stop_after is not None and not 0 < args.stop_after <= cfg.steps:
+        raise ConfigError(f"--stop-after {args.stop_after} must be in 1..{cfg.steps} "
+                          f"(the preset's steps)")
+    grpo.train(cfg, run_dir, resume=not args.no_resume, stop_after=args.stop_after)
     return 0
 
 

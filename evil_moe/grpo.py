@@ -753,7 +753,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
           grade_fn: Callable | None = None, progress: bool = True,
-          model_and_tokenizer=None) -> TrainState:
+          model_and_tokenizer=None, stop_after: int | None = None) -> TrainState:
     """Run GRPO for ``cfg.steps`` steps into ``run_dir``.
 
     Writes ``config.json``, ``metrics.jsonl`` (one row per step), ``samples.jsonl``
@@ -765,7 +765,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
 
     grade_fn: replaces the sandboxed grader, ``(problems, texts) -> verdicts``
         (tests use a deterministic scripted reward).
+    stop_after: stop once this many steps of the ``cfg.steps`` schedule are done (the
+        learning-rate schedule is still the full run's), checkpointed so a later call
+        resumes: the first steps of a run, for probes that cannot afford all of it.
     """
+    if stop_after is not None and not 0 < stop_after <= cfg.steps:
+        raise ValueError(f"stop_after={stop_after} must be in 1..steps={cfg.steps}")
     # Fail before loading anything: a checkpoint that does not verify (and has no valid
     # fallback) or that belongs to another config stops here.
     resume_from = checkpoint.latest(run_dir) if resume and checkpoint.exists(run_dir) else None
@@ -789,7 +794,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
     if acc.is_main_process:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"GRPO {cfg.arm}",
+    end = cfg.steps if stop_after is None else stop_after
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"GRPO {cfg.arm}",
                disable=not (progress and acc.is_main_process))
     try:
         for step in bar:
@@ -799,7 +805,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = True,
                 _append_jsonl(metrics_path, [metrics])
                 if step % cfg.sample_every == 0 or step == cfg.steps - 1:
                     _append_jsonl(samples_path, state.last_samples)
-                if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+                if (step + 1) % cfg.checkpoint_every == 0 or step in (cfg.steps - 1, end - 1):
                     checkpoint.save(run_dir, step=step, adapter=state.adapter,
                                     router=state.router, optimizer=state.optimizer,
                                     scheduler=state.scheduler, config=cfg.to_dict())

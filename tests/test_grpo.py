@@ -121,6 +121,20 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, tiny):
     assert len(_metrics(tmp_path)) == 1
 
 
+def test_stop_after_ends_checkpointed_and_resumes_to_the_same_run(tmp_path, tiny):
+    cfg = load_preset("smoke", arm="vanilla", steps=3, micro_batch_size=64)
+    kw = dict(grade_fn=scripted_verdicts, progress=False, model_and_tokenizer=tiny)
+    grpo.train(cfg, tmp_path / "whole", **kw).adapter.remove()
+    grpo.train(cfg, tmp_path / "part", stop_after=2, **kw).adapter.remove()
+    assert len(_metrics(tmp_path / "part")) == 2 and grpo.checkpoint_step(tmp_path / "part") == 1
+    grpo.train(cfg, tmp_path / "part", **kw).adapter.remove()
+    whole, part = _metrics(tmp_path / "whole"), _metrics(tmp_path / "part")
+    assert [m["lr"] for m in part] == [m["lr"] for m in whole]      # the full run's schedule
+    assert [m["loss_pg"] for m in part] == pytest.approx([m["loss_pg"] for m in whole])
+    with pytest.raises(ValueError, match="stop_after=4 must be in 1..steps=3"):
+        grpo.train(cfg, tmp_path / "bad", stop_after=4, **kw)
+
+
 def _run(args, check=True):
     # keep the caller's PYTHONPATH first, so the subprocess imports the same evil_moe
     path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(TESTS)) if p)
