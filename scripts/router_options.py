@@ -2,6 +2,7 @@
 draw, never the held-out test split), side by side on the same rollouts.
 
     python scripts/router_options.py --preset cpu-demo --seed 0 --batches 4
+    python scripts/router_options.py --runs runs/router-onpolicy/*   # training runs' side
 
 For one seed: the run's warm-started base model and ``v_act`` (extracted as notebook
 01 does), then ``--batches`` GRPO-shaped batches (``prompts_per_step`` training
@@ -119,8 +120,27 @@ def summarise(name: str, ids: list[str], labels: np.ndarray, w: np.ndarray, seed
             "hack_above_half": float((w[labels] > 0.5).mean())}
 
 
+def compare_runs(run_dirs: list[Path]) -> int:
+    """The on-policy side of the comparison: per step of each training run, its router
+    AUROC and mean ``w`` on hacks and on the rest (``metrics.jsonl``), with its options."""
+    from evil_moe import grpo
+    frames = []
+    for d in run_dirs:
+        cfg = json.loads((d / "config.json").read_text())
+        m = grpo.read_metrics(d)
+        m.insert(0, "run", f"{cfg['router_centering']}/{cfg['router_calibration']}")
+        frames.append(m[["run", "step", "hack_rate", "w_auroc", "w_hack", "w_not_hack",
+                         "w_gap", "step_time_s"]])
+    table = pd.concat(frames, ignore_index=True)
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(table.round(3).to_string(index=False))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", nargs="+", type=Path, default=None, metavar="RUN_DIR",
+                    help="instead: print the per-step router metrics of these training runs")
     ap.add_argument("--preset", default="cpu-demo")
     ap.add_argument("--seed", type=int, action="append",
                     help="seed (repeatable; default 0)")
@@ -130,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON output (default runs/router-options/<preset>.json)")
     args = ap.parse_args(argv)
+    if args.runs:
+        return compare_runs(args.runs)
     import yaml
 
     from evil_moe import grpo

@@ -45,6 +45,8 @@ PAGES = [
     ("book/references.html", 0),
 ]
 RESULTS_PAGE = "book/runs/results.html"
+FIRST_PAGE = "book/runs/intro.html"
+"""The built book's root when a preset's figures ran (pipeline.RUN_ROOT_PAGE)."""
 APPENDIX = "book/runs/smoke"
 """The appendix the fixture's pipeline run adds (preset smoke, one arm and seed)."""
 
@@ -249,9 +251,15 @@ def test_results_page_of_the_smoke_pipeline(driver, smoke_pipeline):
     root, _, rc = smoke_pipeline
     assert rc == 0, "the smoke pipeline failed"
     html = root / "_build" / "html"
-    for page, min_images in (("index.html", 0), (RESULTS_PAGE, 4)):
+    for page, min_images in (("index.html", 0), (FIRST_PAGE, 1), (RESULTS_PAGE, 4)):
         problems, _ = check_page(driver, html, page, min_images=min_images)
         assert not problems, f"{page}:\n" + "\n".join(problems)
+    # the first page leads with the answer, glued from the runs, before the tour
+    from selenium.webdriver.common.by import By
+    driver.get((html / FIRST_PAGE).resolve().as_uri())
+    text = driver.find_element(By.CSS_SELECTOR, "article").text
+    assert "Removing the label-free router's hack expert" in text
+    assert text.index("The answer, from the") < text.index("How the book is organised")
 
 
 def test_results_page_of_a_given_book(driver, html_dir):
