@@ -126,6 +126,9 @@ def compare_runs(run_dirs: list[Path]) -> int:
     from evil_moe import grpo
     frames = []
     for d in run_dirs:
+        if not (d / grpo.METRICS_FILE).exists():
+            print(f"{d}: no metrics yet")
+            continue
         cfg = json.loads((d / "config.json").read_text())
         m = grpo.read_metrics(d)
         m.insert(0, "run", f"{cfg['router_centering']}/{cfg['router_calibration']}")
