@@ -82,6 +82,9 @@ def _train(args) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_preset(args.preset, **overrides)
+    if args.stop_after is not None and not 0 < args.stop_after <= cfg.steps:
+        raise ConfigError(f"--stop-after {args.stop_after} must be in 1..{cfg.steps} "
+                          f"(the preset's steps)")
     from . import grpo, memory_plan
     run_dir = Path(args.run_dir)
     if (args.extract_v_act and cfg.arm in grpo.ROUTED_ARMS
@@ -95,9 +98,6 @@ def _train(args) -> int:
         if state.is_main_process:
             grpo.extract_v_act_for_run(cfg, run_dir)
         state.wait_for_everyone()
-    if args.stop_after is not None and not 0 < args.stop_after <= cfg.steps:
-        raise ConfigError(f"--stop-after {args.stop_after} must be in 1..{cfg.steps} "
-                          f"(the preset's steps)")
     grpo.train(cfg, run_dir, resume=not args.no_resume, stop_after=args.stop_after)
     return 0
 

@@ -1013,6 +1013,10 @@ def answer_text(texts: dict[str, str], contrast: Any) -> str:
     control drop contrast (a CI mapping, or None when it was not measured): what removing
     the hack expert took out, against the label-routed ceiling, and whether it beats
     removing the same block of the unrouted control."""
+    def share(key: str) -> str:        # "0.395 [0.237, 0.538]", or words in brackets
+        text = texts[key]
+        return text if text[:1].isdigit() or text[:1] == "-" else f"a share ({text})"
+
     if contrast is None or math.isnan(_point_of(contrast)):
         verdict = (f"the contrast with the unrouted {arms.CONTROL} control was not measured "
                    "in these runs, so they give no answer yet")
@@ -1029,10 +1033,6 @@ def answer_text(texts: dict[str, str], contrast: Any) -> str:
             verdict = (f"these runs cannot tell it from removing the same block of the "
                        f"unrouted {arms.CONTROL} control: the difference in drops, {ci}, "
                        f"includes 0")
-    def share(key: str) -> str:        # "0.395 [0.237, 0.538]", or words in brackets
-        text = texts[key]
-        return text if text[:1].isdigit() or text[:1] == "-" else f"a share ({text})"
-
     return (f"Removing the label-free router's hack expert (evil_moe) took out "
             f"{share('evil_moe_trained_removed_text')} of the hacking its training added "
             f"({share('evil_moe_hack_removed_text')} of all its hacking with the expert ON), "

@@ -258,7 +258,8 @@ def use_cpu(cfg: RunConfig) -> bool:
     Accelerate's process state is created once per process; on a machine without
     GPUs it must be created with cpu=True or a multi-process launch sees only itself.
     """
-    return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    from .hardware import uses_cuda
+    return not uses_cuda(cfg.device)
 
 
 def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,

@@ -32,7 +32,8 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
 
 
 def uses_cuda(device: str) -> bool:
-    """Whether a run with ``RunConfig.device`` ``device`` runs on a CUDA device."""
+    """Whether a run with ``RunConfig.device`` ``device`` runs on a CUDA device ('cuda', or
+    'auto' where torch sees one); ``grpo.use_cpu`` is its negation."""
     import torch
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 

@@ -191,6 +191,8 @@ def main(argv=None) -> int:
                              "hack_rate": float(labels.mean()),
                              **summarise(name, ids, labels, w, seed)})
         state.adapter.remove()
+        if state.grader is not None:
+            state.grader.close()          # sandbox workers end with the seed
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(3).to_string(index=False))
