@@ -40,7 +40,7 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 
     rules: ``choices`` (allowed values, or allowed items for a list), ``min``
     (inclusive lower bound), ``gt`` (exclusive lower bound), ``max`` (inclusive
-    upper bound), ``auto`` (the value 'auto' is accepted and replaced by
+    upper bound), ``lt`` (exclusive upper bound), ``auto`` (the value 'auto' is accepted and replaced by
     ``auto(values)``, values being the raw mapping under validation).
     """
     meta = {"help": help, **rules}
@@ -139,6 +139,18 @@ class RunConfig:
                                  "router_stats_momentum, is used at evaluation; the pairs only "
                                  "orient the sign). Label-free: it uses every rollout's "
                                  "features, never grader output.", choices=("pairs", "batch"))
+    router_prior: float = _f(0.5, "The prior share of hacks among rollouts, against the "
+                             "authored pairs' balanced 1/2: each rollout's routing logit gets "
+                             "log(prior / (1 - prior)) added (Bayes' rule under a shift of "
+                             "the class prior), so a rollout the router cannot tell apart from "
+                             "its group gets w = prior instead of 1/2. The pin loss is "
+                             "unchanged. 0.5 adds nothing. A fixed number, chosen on training "
+                             "problems; label-free.", gt=0, lt=1)
+    router_sharpness: float = _f(1.0, "Multiplies each rollout's calibrated routing logit "
+                                 "before the sigmoid (and the prior): the rollouts of a group "
+                                 "differ less than the authored pairs that set the scale, so "
+                                 "their w sits near the middle; above 1 spreads it. The pin "
+                                 "loss is unchanged. 1 changes nothing. Label-free.", gt=0)
     router_stats_momentum: float = _f(0.1, "With router_calibration 'batch': the running "
                                       "statistics move by this share of the step's batch "
                                       "statistics (the first step sets them).", gt=0, max=1)
@@ -281,6 +293,8 @@ def _check_rules(key: str, value: Any, meta: dict[str, Any], source: str) -> Non
         raise ConfigError(f"{source}: key '{key}' must be > {meta['gt']}, got {value!r}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{source}: key '{key}' must be <= {meta['max']}, got {value!r}")
+    if "lt" in meta and value >= meta["lt"]:
+        raise ConfigError(f"{source}: key '{key}' must be < {meta['lt']}, got {value!r}")
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:

@@ -151,17 +151,18 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
         if not path.exists():
             raise FileNotFoundError(f"arm {cfg.arm!r} is routed but {path} does not exist")
         router = _router_from_state(load_file(str(path)), len(adapter.module_names),
-                                    adapter.rank, model.device, cfg.router_calibration)
+                                    adapter.rank, model.device, cfg)
     return LoadedRun(model, tok, adapter, router, cfg, run_dir)
 
 
 def _router_from_state(state: dict[str, torch.Tensor], num_modules: int, rank: int, device,
-                       calibration: str = "pairs"):
-    """A HackRouter with the saved weights (the direction placeholder is overwritten), in
-    eval mode: under 'batch' calibration it standardises with its saved running statistics."""
+                       cfg: RunConfig):
+    """A HackRouter with the saved weights (the direction placeholder is overwritten) and the
+    run's calibration, prior and sharpness, in eval mode: under 'batch' calibration it
+    standardises with its saved running statistics."""
     from .router import HackRouter
     from .vact import haar_direction
-    router = HackRouter(haar_direction(num_modules, rank, seed=0), calibration)
+    router = HackRouter.from_config(haar_direction(num_modules, rank, seed=0), cfg)
     router.load_state_dict(state)
     return router.to(device).eval()
 
@@ -298,20 +299,22 @@ def pooled_features(model, adapter, prompt_ids: Sequence[Sequence[int]],
 
 
 def haar_router(adapter, model, tokenizer, seed: int, calibrate: bool = True,
-                centering: str = "none"):
+                centering: str = "none", prior: float = 0.5, sharpness: float = 1.0):
     """An untrained router from a Haar-random direction: the chance-level comparison.
 
     Calibrated on the authored pairs as training initialises a 'pairs' router
     (``HackRouter.calibrate`` on base-model pooled pair features, under the
     adapter's current ``A[:r]``; each pair centred as a group of two when
     ``centering`` is 'group', as the run's router reads them), so its ``w > 0.5``
-    call is set the same way. Its AUROC, the chance baseline, does not depend on
-    the calibration (a monotone map of the score).
+    call is set the same way, with the run's ``prior`` and ``sharpness``. Its AUROC,
+    the chance baseline, does not depend on the calibration (a monotone map of the
+    score).
     """
     from .pairs import load_pairs
     from .router import HackRouter, center_pairs
     from .vact import haar_direction, pair_features
-    router = HackRouter(haar_direction(len(adapter.module_names), adapter.rank, seed=seed))
+    router = HackRouter(haar_direction(len(adapter.module_names), adapter.rank, seed=seed),
+                        prior=prior, sharpness=sharpness)
     router = router.to(next(model.parameters()).device)
     if calibrate:
         with torch.no_grad(), adapter.disable():
@@ -751,10 +754,13 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
     digests = _weights_digest(run)
 
     def comparison_router():
-        key = (haar_seed, digests["adapter"], cfg.router_centering)
+        key = (haar_seed, digests["adapter"], cfg.router_centering, cfg.router_prior,
+               cfg.router_sharpness)
         if key not in run.haar_routers:
             run.haar_routers[key] = haar_router(run.adapter, run.model, run.tokenizer,
-                                                haar_seed, centering=cfg.router_centering)
+                                                haar_seed, centering=cfg.router_centering,
+                                                prior=cfg.router_prior,
+                                                sharpness=cfg.router_sharpness)
         return run.haar_routers[key]
 
     def evaluate_split(prefix: str, split_problems: list, hint: str, conds: Sequence[str],
@@ -771,6 +777,8 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
                   "routed": score}
             if prefix or hint != cfg.hint or cfg.router_centering != "none":
                 fp.update(prompt_hint=hint, router_centering=cfg.router_centering)
+            if (cfg.router_prior, cfg.router_sharpness) != (0.5, 1.0):
+                fp.update(router_prior=cfg.router_prior, router_sharpness=cfg.router_sharpness)
             shard = prefix + cond
             cached = None if force else _read_shard(out_dir, shard, fp)
             if cached is not None:

@@ -310,8 +310,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
         state_pairs: dict = {}
         if cfg.arm in ROUTED_ARMS:
             direction = router_direction(cfg, run_dir, len(adapter.module_names), adapter.rank)
-            router = HackRouter(direction, cfg.router_calibration,
-                                cfg.router_stats_momentum).to(accelerator.device)
+            router = HackRouter.from_config(direction, cfg).to(accelerator.device)
             # The pairs' base-model inputs never change, so their per-module means are
             # computed once; each step's pin features are then A[:r] times them.
             pairs = load_pairs()

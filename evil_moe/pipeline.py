@@ -291,12 +291,21 @@ def _traceback_summary(lines: Iterable[str], keep: int = 15) -> str:
     return "\n".join("    " + line for line in tail)
 
 
+KERNEL_LOG_LEVEL = "CRITICAL"
+"""The kernel process's own log (not the notebook's output) goes to our terminal. At
+every shutdown jupyter_client interrupts the kernel first, and ipykernel logs that
+SIGINT as ``ERROR | KeyboardInterrupt caught in kernel.``: noise after every notebook.
+Cell errors still arrive through the notebook's messages, and fail the step."""
+
+
 def _kernel_config():
     """Kernels talk to papermill over IPC sockets: nothing listens on TCP, and ipykernel
-    has no reason to warn about an unencrypted TCP transport."""
+    has no reason to warn about an unencrypted TCP transport. The kernel's own log is
+    quiet below :data:`KERNEL_LOG_LEVEL`."""
     from traitlets.config import Config
     config = Config()
     config.KernelManager.transport = "ipc"
+    config.NotebookClient.extra_arguments = [f"--IPKernelApp.log_level={KERNEL_LOG_LEVEL}"]
     return config
 
 

@@ -26,9 +26,29 @@ scaled (``RunConfig.router_centering`` and ``router_calibration``):
   ``run <- (1 - m) run + m batch``, the first batch sets them) is kept in the
   router's state and used in ``router.eval()``. ``observe`` reads features
   only, never a grader label.
+
+Two fixed numbers set where a rollout's ``w`` sits (``router_prior``,
+``router_sharpness``); neither touches the pin loss, which keeps reading
+``logits``. A rollout's weight is
+
+    w = sigmoid(sharpness * (scale * z + bias) + log(prior / (1 - prior)))
+
+- the **prior** is Bayes' rule under a shift of the class prior: the pairs are
+  balanced (one hack per clean side, prior 1/2), so their calibrated logit is a
+  likelihood ratio; a population where a share ``prior`` hacks adds
+  ``log(prior / (1 - prior))``. With group centring most rollouts of a group
+  sit near the group mean, ``z ~ 0``, where ``prior = 1/2`` puts ``w ~ 0.5``;
+- the **sharpness** multiplies the calibrated logit: the pairs' hack-vs-clean
+  difference sets the scale, and the rollouts of a group differ less than that,
+  so their logits are flat.
+``prior = 0.5, sharpness = 1`` is the router without either. Both are chosen on
+training problems (``scripts/router_options.py``), never from a grader label at
+run time.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +88,8 @@ class HackRouter(nn.Module):
     'pairs') or ``z`` standardised with batch / running statistics ('batch'); the gate
     starts as ``direction: [M, r]``."""
 
-    def __init__(self, direction: Tensor, calibration: str = "pairs", momentum: float = 0.1):
+    def __init__(self, direction: Tensor, calibration: str = "pairs", momentum: float = 0.1,
+                 prior: float = 0.5, sharpness: float = 1.0):
         super().__init__()
         if direction.dim() != 2:
             raise ValueError(f"direction must be [M, r], got shape {tuple(direction.shape)}")
@@ -76,7 +97,13 @@ class HackRouter(nn.Module):
             raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        if not 0 < prior < 1:
+            raise ValueError(f"prior must be in (0, 1), got {prior}")
+        if not sharpness > 0:
+            raise ValueError(f"sharpness must be positive, got {sharpness}")
         self.calibration, self.momentum = calibration, momentum
+        # fixed numbers from the config, not parameters: the saved state is unchanged
+        self.prior_logit, self.sharpness = math.log(prior / (1 - prior)), float(sharpness)
         self.gate = nn.Parameter(direction.detach().float().clone())  # [M, r]
         self.scale = nn.Parameter(torch.ones((), device=direction.device))
         self.bias = nn.Parameter(torch.zeros((), device=direction.device))
@@ -121,9 +148,17 @@ class HackRouter(nn.Module):
         self.running_std.mul_(1 - m).add_(m * std)
         self.num_batches += 1
 
+    @classmethod
+    def from_config(cls, direction: Tensor, cfg) -> "HackRouter":
+        """The router a run's config asks for (``cfg``: a ``RunConfig``): its calibration,
+        running-statistics momentum, prior and sharpness; the gate starts at ``direction``."""
+        return cls(direction, cfg.router_calibration, cfg.router_stats_momentum,
+                   prior=cfg.router_prior, sharpness=cfg.router_sharpness)
+
     def forward(self, features: Tensor) -> Tensor:
-        """``features: [B, M, r]`` -> ``w: [B]`` in [0, 1]."""
-        return torch.sigmoid(self.logits(features))
+        """``features: [B, M, r]`` -> ``w: [B]`` in [0, 1], a rollout's routing weight:
+        ``sigmoid(sharpness * logits + log(prior / (1 - prior)))``."""
+        return torch.sigmoid(self.sharpness * self.logits(features) + self.prior_logit)
 
     @torch.no_grad()
     def calibrate(self, hack_feats: Tensor, clean_feats: Tensor) -> None:

@@ -9,7 +9,8 @@ For one seed: the run's warm-started base model and ``v_act`` (extracted as note
 problems x ``group_size`` rollouts, drawn with step numbers from 10,000 on, so they are
 not the draws training uses), graded, and their pooled deployed features from the
 base-model pass exactly as ``grpo.train_step`` step 5 computes them. Each option
-(``router_centering`` x ``router_calibration``, and the Haar start as the chance
+(``router_centering`` x ``router_calibration``, each also with the ``--levels``
+pairs of ``router_prior`` and ``router_sharpness``, and the Haar start as the chance
 reference) then builds its router as ``grpo.setup`` does (gate from the direction,
 calibrated on the authored pairs) and scores every rollout, as ``train_step`` step 6
 does at step 0. Printed and written to ``--out`` per option: the AUROC of ``w``
@@ -27,6 +28,7 @@ The grader's labels are read here for measurement only, as in ``metrics.jsonl``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -89,14 +91,16 @@ def rollouts(state, n_batches: int):
 
 
 def option_weights(state, direction: torch.Tensor, centering: str, calibration: str,
-                   feats: list[torch.Tensor]) -> np.ndarray:
+                   feats: list[torch.Tensor], prior: float = 0.5,
+                   sharpness: float = 1.0) -> np.ndarray:
     """``w`` of every rollout under one option, batch by batch as training would see it
     at step 0 (one ``observe`` per batch under 'batch' calibration)."""
     from evil_moe import grpo
     from evil_moe.router import HackRouter, center_groups
 
-    cfg = state.cfg.replace(router_centering=centering, router_calibration=calibration)
-    router = HackRouter(direction, calibration, cfg.router_stats_momentum)
+    cfg = state.cfg.replace(router_centering=centering, router_calibration=calibration,
+                            router_prior=prior, router_sharpness=sharpness)
+    router = HackRouter.from_config(direction, cfg)
     router.calibrate(*grpo._pair_features(cfg, state.adapter, state.pair_hack_x,
                                           state.pair_clean_x))
     router.train()
@@ -131,13 +135,25 @@ def compare_runs(run_dirs: list[Path]) -> int:
             continue
         cfg = json.loads((d / "config.json").read_text())
         m = grpo.read_metrics(d)
-        m.insert(0, "run", f"{cfg['router_centering']}/{cfg['router_calibration']}")
+        m.insert(0, "run", f"{cfg['router_centering']}/{cfg['router_calibration']}"
+                           f" p={cfg.get('router_prior', 0.5):g} s={cfg.get('router_sharpness', 1.0):g}")
         frames.append(m[["run", "step", "hack_rate", "w_auroc", "w_hack", "w_not_hack",
                          "w_gap", "step_time_s"]])
     table = pd.concat(frames, ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(table.round(3).to_string(index=False))
     return 0
+
+
+def _level(text: str) -> tuple[float, float]:
+    prior, _, sharpness = text.partition(":")
+    try:
+        level = float(prior), float(sharpness)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PRIOR:SHARPNESS, e.g. 0.25:2")
+    if not (0 < level[0] < 1 and level[1] > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: prior must be in (0, 1), sharpness > 0")
+    return level
 
 
 def main(argv=None) -> int:
@@ -148,6 +164,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, action="append",
                     help="seed (repeatable; default 0)")
     ap.add_argument("--batches", type=int, default=4, help="step-shaped batches per seed")
+    ap.add_argument("--levels", nargs="*", type=_level, default=[(0.25, 2.0), (0.25, 3.0)],
+                    metavar="PRIOR:SHARPNESS",
+                    help="router_prior:router_sharpness pairs measured besides 0.5:1 on every "
+                         "v_act option (default 0.25:2 0.25:3)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override (YAML value), e.g. bf16_autocast=false")
     ap.add_argument("--out", type=Path, default=None,
@@ -180,11 +200,15 @@ def main(argv=None) -> int:
         M, r = feats[0].shape[1:]
         starts = {"v_act": extraction.v_act, "haar": haar_direction(M, r, seed=cfg.seed + 1000)}
         for start, direction in starts.items():
-            for centering, calibration in OPTIONS:
-                if start == "haar" and calibration == "batch":
+            for (centering, calibration), (prior, sharpness) in itertools.product(
+                    OPTIONS, [(0.5, 1.0)] + args.levels):
+                if start == "haar" and (calibration == "batch" or (prior, sharpness) != (0.5, 1)):
                     continue          # the chance reference needs one calibration only
-                w = option_weights(state, direction, centering, calibration, feats)
+                w = option_weights(state, direction, centering, calibration, feats,
+                                   prior, sharpness)
                 name = f"{start} centering={centering} calibration={calibration}"
+                if (prior, sharpness) != (0.5, 1.0):
+                    name += f" prior={prior:g} sharpness={sharpness:g}"
                 per_rollout.append(pd.DataFrame({"seed": seed, "option": name,
                                                  "problem_id": ids, "is_hack": labels, "w": w}))
                 rows.append({"seed": seed, "rollouts": len(labels),

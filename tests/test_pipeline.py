@@ -232,6 +232,32 @@ def test_echo_shows_the_notebooks_output_while_it_runs(tmp_path, capsys):
     assert "bar" not in capsys.readouterr().err
 
 
+def test_kernel_noise_stays_out_of_the_terminal_and_the_notebook(tmp_path, capfd):
+    """No ipykernel log line (such as the shutdown interrupt's) on our stderr, and no tqdm
+    widget warning in the executed notebook (the notebook imports evil_moe first, as
+    ours do, then meets the warning transformers' tqdm.auto import raises)."""
+    nb = _notebook("noise", "x = 1", "import evil_moe\nimport warnings, tqdm\n"
+                   "warnings.warn('IProgress not found. Please update jupyter and ipywidgets.',"
+                   " tqdm.TqdmWarning)\nprint('cell ran')",
+                   # what ipykernel logs at shutdown (the interrupt) goes through this log
+                   "from ipykernel.kernelapp import IPKernelApp\n"
+                   "IPKernelApp.instance().log.error('KeyboardInterrupt caught in kernel.')")
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    nbformat.write(nb, str(nb_dir / "noise.ipynb"))
+    step = pipeline.Step(notebook="noise", source=nb_dir / "noise.ipynb", out_dir=tmp_path / "run",
+                         parameters={"x": 2}, inputs={"data": "x", "library": "y"})
+    pipeline.execute_step(step, echo=True)
+    out, err = capfd.readouterr()
+    assert "cell ran" in out
+    assert "KeyboardInterrupt" not in err and "IPKernelApp" not in err
+    executed = nbformat.read(str(step.output), as_version=4)
+    texts = [o.get("text", "") for c in executed.cells if c.cell_type == "code"
+             for o in c.get("outputs", [])]
+    assert any("cell ran" in t for t in texts)
+    assert not any("IProgress" in t for t in texts)
+
+
 def test_final_stream_state_keeps_what_a_terminal_shows():
     outs = [{"output_type": "stream", "name": "stderr", "text": "\rstep 1\rstep 2"},
             {"output_type": "stream", "name": "stdout", "text": "hello\n"},

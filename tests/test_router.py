@@ -194,3 +194,55 @@ def test_batch_calibration_lets_the_pairs_orient_the_sign_only():
     assert (router.scale.item(), router.bias.item()) == (-1.0, 0.0)
     router.observe(torch.cat([hack, clean]))
     assert router.logits(hack).mean() > 0 > router.logits(clean).mean()
+
+
+def test_prior_and_sharpness_move_the_rollouts_w_but_not_the_pin_loss():
+    direction = haar_direction(M, R, seed=0)
+    clean = feats(20, 3)
+    hack = clean + 0.8 * direction
+    plain = HackRouter(direction)
+    shifted = HackRouter(direction, prior=0.2, sharpness=3.0)
+    for r in (plain, shifted):
+        r.calibrate(hack, clean)
+    x = feats(7, 4)
+    logit = plain.logits(x).detach()
+    torch.testing.assert_close(shifted.logits(x), plain.logits(x))          # pin reads these
+    torch.testing.assert_close(pin_loss(shifted, hack, clean), pin_loss(plain, hack, clean))
+    torch.testing.assert_close(shifted(x), torch.sigmoid(3.0 * logit + torch.log(
+        torch.tensor(0.2 / 0.8))))
+    # a rollout the router cannot place (logit 0) gets w = prior, not 1/2
+    with torch.no_grad():
+        shifted.scale.zero_(), shifted.bias.zero_()
+    torch.testing.assert_close(shifted(x), torch.full((7,), 0.2))
+    # the saved state is the same as the router without them
+    assert set(shifted.state_dict()) == set(plain.state_dict())
+
+
+def test_from_config_reads_the_runs_router_settings():
+    from evil_moe.config import RunConfig
+    cfg = RunConfig(router_calibration="batch", router_stats_momentum=0.3, router_prior=0.3,
+                    router_sharpness=2.0)
+    router = HackRouter.from_config(haar_direction(M, R, seed=0), cfg)
+    assert (router.calibration, router.momentum, router.sharpness) == ("batch", 0.3, 2.0)
+    assert router.prior_logit == pytest.approx(torch.log(torch.tensor(0.3 / 0.7)).item())
+
+
+@pytest.mark.parametrize("kwargs", [{"prior": 0.0}, {"prior": 1.0}, {"sharpness": 0.0}])
+def test_prior_outside_0_1_or_non_positive_sharpness_is_refused(kwargs):
+    with pytest.raises(ValueError):
+        HackRouter(haar_direction(M, R, seed=0), **kwargs)
+
+
+def test_a_saved_router_comes_back_with_its_runs_prior_and_sharpness():
+    """Evaluation rebuilds the router from the checkpoint and the run's config: the w it
+    gives a held-out rollout is the w training would have given it."""
+    from evil_moe import evaluate
+    from evil_moe.config import RunConfig
+    cfg = RunConfig(router_prior=0.25, router_sharpness=2.0)
+    trained = HackRouter.from_config(haar_direction(M, R, seed=1), cfg)
+    with torch.no_grad():
+        trained.scale.fill_(1.7)
+    loaded = evaluate._router_from_state(trained.state_dict(), M, R, "cpu", cfg)
+    x = feats(5, 6)
+    torch.testing.assert_close(loaded(x), trained(x))
+    assert not torch.allclose(HackRouter(haar_direction(M, R, seed=1))(x), trained(x))
