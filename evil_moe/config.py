@@ -35,13 +35,20 @@ class ConfigError(ValueError):
     """A preset or override is invalid. The message names the key and the fix."""
 
 
+NEUTRAL_LEVELS = (0.5, 1.0)
+"""``(router_prior, router_sharpness)`` of the router without either (the fields'
+defaults): a balanced prior adds nothing to the logit, a sharpness of 1 leaves it
+as calibrated."""
+
+
 def _f(default: Any, help: str, **rules: Any) -> Any:
     """A dataclass field with help text and validation rules.
 
     rules: ``choices`` (allowed values, or allowed items for a list), ``min``
     (inclusive lower bound), ``gt`` (exclusive lower bound), ``max`` (inclusive
-    upper bound), ``lt`` (exclusive upper bound), ``auto`` (the value 'auto' is accepted and replaced by
-    ``auto(values)``, values being the raw mapping under validation).
+    upper bound), ``lt`` (exclusive upper bound), ``auto`` (the value 'auto' is
+    accepted and replaced by ``auto(values)``, values being the raw mapping under
+    validation).
     """
     meta = {"help": help, **rules}
     if isinstance(default, (list, dict)):
@@ -139,14 +146,14 @@ class RunConfig:
                                  "router_stats_momentum, is used at evaluation; the pairs only "
                                  "orient the sign). Label-free: it uses every rollout's "
                                  "features, never grader output.", choices=("pairs", "batch"))
-    router_prior: float = _f(0.5, "The prior share of hacks among rollouts, against the "
+    router_prior: float = _f(NEUTRAL_LEVELS[0], "The prior share of hacks among rollouts, against the "
                              "authored pairs' balanced 1/2: each rollout's routing logit gets "
                              "log(prior / (1 - prior)) added (Bayes' rule under a shift of "
                              "the class prior), so a rollout the router cannot tell apart from "
                              "its group gets w = prior instead of 1/2. The pin loss is "
                              "unchanged. 0.5 adds nothing. A fixed number, chosen on training "
                              "problems; label-free.", gt=0, lt=1)
-    router_sharpness: float = _f(1.0, "Multiplies each rollout's calibrated routing logit "
+    router_sharpness: float = _f(NEUTRAL_LEVELS[1], "Multiplies each rollout's calibrated routing logit "
                                  "before the sigmoid (and the prior): the rollouts of a group "
                                  "differ less than the authored pairs that set the scale, so "
                                  "their w sits near the middle; above 1 spreads it. The pin "

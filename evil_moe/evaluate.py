@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from . import arms, checkpoint, stats
 from .sequences import completion_states, prefill_prompts, right_padded
-from .config import RunConfig, from_dict
+from .config import NEUTRAL_LEVELS, RunConfig, from_dict
 
 CONDITIONS = ("on", "off", "base", "deployed_off")
 """Every condition ``evaluate_run`` knows; ``default_conditions`` picks a run's."""
@@ -777,7 +777,7 @@ def evaluate_run(source: Any, problems: list | None = None, *, out_dir: str | Pa
                   "routed": score}
             if prefix or hint != cfg.hint or cfg.router_centering != "none":
                 fp.update(prompt_hint=hint, router_centering=cfg.router_centering)
-            if (cfg.router_prior, cfg.router_sharpness) != (0.5, 1.0):
+            if (cfg.router_prior, cfg.router_sharpness) != NEUTRAL_LEVELS:
                 fp.update(router_prior=cfg.router_prior, router_sharpness=cfg.router_sharpness)
             shard = prefix + cond
             cached = None if force else _read_shard(out_dir, shard, fp)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import NEUTRAL_LEVELS
 from .vact import projections
 
 
@@ -89,7 +90,8 @@ class HackRouter(nn.Module):
     starts as ``direction: [M, r]``."""
 
     def __init__(self, direction: Tensor, calibration: str = "pairs", momentum: float = 0.1,
-                 prior: float = 0.5, sharpness: float = 1.0):
+                 prior: float = NEUTRAL_LEVELS[0],
+                 sharpness: float = NEUTRAL_LEVELS[1]):
         super().__init__()
         if direction.dim() != 2:
             raise ValueError(f"direction must be [M, r], got shape {tuple(direction.shape)}")

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from evil_moe import paths
-from evil_moe.config import load_preset
+from evil_moe.config import NEUTRAL_LEVELS, ConfigError, from_dict, load_preset
 from evil_moe.stats import auroc_ci
 
 OPTIONS = [("none", "pairs"), ("group", "pairs"), ("none", "batch"), ("group", "batch")]
@@ -135,8 +135,10 @@ def compare_runs(run_dirs: list[Path]) -> int:
             continue
         cfg = json.loads((d / "config.json").read_text())
         m = grpo.read_metrics(d)
+        prior = cfg.get("router_prior", NEUTRAL_LEVELS[0])
+        sharpness = cfg.get("router_sharpness", NEUTRAL_LEVELS[1])
         m.insert(0, "run", f"{cfg['router_centering']}/{cfg['router_calibration']}"
-                           f" p={cfg.get('router_prior', 0.5):g} s={cfg.get('router_sharpness', 1.0):g}")
+                           f" p={prior:g} s={sharpness:g}")
         frames.append(m[["run", "step", "hack_rate", "w_auroc", "w_hack", "w_not_hack",
                          "w_gap", "step_time_s"]])
     table = pd.concat(frames, ignore_index=True)
@@ -151,8 +153,10 @@ def _level(text: str) -> tuple[float, float]:
         level = float(prior), float(sharpness)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not PRIOR:SHARPNESS, e.g. 0.25:2")
-    if not (0 < level[0] < 1 and level[1] > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: prior must be in (0, 1), sharpness > 0")
+    try:            # the config's own rules, so the bounds live in one place
+        from_dict({"router_prior": level[0], "router_sharpness": level[1]}, source=text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return level
 
 
@@ -201,13 +205,13 @@ def main(argv=None) -> int:
         starts = {"v_act": extraction.v_act, "haar": haar_direction(M, r, seed=cfg.seed + 1000)}
         for start, direction in starts.items():
             for (centering, calibration), (prior, sharpness) in itertools.product(
-                    OPTIONS, [(0.5, 1.0)] + args.levels):
-                if start == "haar" and (calibration == "batch" or (prior, sharpness) != (0.5, 1)):
+                    OPTIONS, [NEUTRAL_LEVELS] + args.levels):
+                if start == "haar" and (calibration == "batch" or (prior, sharpness) != NEUTRAL_LEVELS):
                     continue          # the chance reference needs one calibration only
                 w = option_weights(state, direction, centering, calibration, feats,
                                    prior, sharpness)
                 name = f"{start} centering={centering} calibration={calibration}"
-                if (prior, sharpness) != (0.5, 1.0):
+                if (prior, sharpness) != NEUTRAL_LEVELS:
                     name += f" prior={prior:g} sharpness={sharpness:g}"
                 per_rollout.append(pd.DataFrame({"seed": seed, "option": name,
                                                  "problem_id": ids, "is_hack": labels, "w": w}))

@@ -246,3 +246,23 @@ def test_a_saved_router_comes_back_with_its_runs_prior_and_sharpness():
     x = feats(5, 6)
     torch.testing.assert_close(loaded(x), trained(x))
     assert not torch.allclose(HackRouter(haar_direction(M, R, seed=1))(x), trained(x))
+
+
+def test_router_options_levels_follow_the_config_rules():
+    """scripts/router_options.py --levels PRIOR:SHARPNESS: parsed into floats, and
+    rejected with the config's own message where the config would reject it."""
+    import argparse
+    import importlib.util
+
+    from evil_moe import paths
+    spec = importlib.util.spec_from_file_location(
+        "router_options", paths.REPO_ROOT / "scripts" / "router_options.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script._level("0.25:3") == (0.25, 3.0)
+    for text, key in [("1.5:3", "router_prior"), ("0:2", "router_prior"),
+                      ("0.25:0", "router_sharpness")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=key):
+            script._level(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="PRIOR:SHARPNESS"):
+        script._level("0.25")
