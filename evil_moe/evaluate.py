@@ -505,9 +505,11 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
     Each scored entry is ``stats.classifier_scores``: auroc, f0.5, precision,
     recall, confusion counts, mean score on hack / non-hack rollouts, ``roc``
     (fpr, tpr, thresholds; the first threshold is +inf, written as null in
-    ``summary.json``), ``auroc_ci`` (bootstrap over problems, ``stats.auroc_ci``)
-    and ``reasons`` for any NaN. An entry without scores has
-    ``available: false`` and a ``reason`` (vanilla: no router).
+    ``summary.json``), ``auroc_ci`` (bootstrap over problems, ``stats.auroc_ci``),
+    ``auroc_within_problem`` (``stats.within_group_auroc`` over the samples of each
+    problem: value and number of hack/non-hack pairs) and ``reasons`` for any NaN.
+    An entry without scores has ``available: false`` and a ``reason`` (vanilla: no
+    router).
     """
     on = df[df["condition"] == "on"]
     if on.empty:
@@ -528,6 +530,11 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
         out[name] = stats.classifier_scores(on[col].to_numpy(), on["is_hack"].to_numpy(bool),
                                             threshold=threshold, beta=beta)
         out[name]["auroc_ci"] = stats.auroc_ci(on, col, "is_hack", n=n_boot, seed=seed).to_dict()
+        # the order within a problem's K samples, what group centring is accountable for
+        within, pairs = stats.within_group_auroc(
+            on[col].to_numpy(), on["is_hack"].to_numpy(bool),
+            (on["seed"].astype(str) + "/" + on[stats.PROBLEM].astype(str)).to_numpy())
+        out[name]["auroc_within_problem"] = {"value": within, "pairs": pairs}
     if not out["router"].get("available", True) and not out["haar"].get("available", True):
         out["available"] = False
         out["reason"] = out["router"]["reason"]
@@ -916,8 +923,9 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
     """One row per arm (``arms.DISPLAY_ORDER``) of ``aggregate_arms``' output, as text with
     95% CIs: hack ON / OFF, share removed of ON and of the trained hacking, solve ON / OFF
     (and on the solvable split, with the share kept), the deployed-block-removed control,
-    the router's held-out AUROC (Haar beside it), the hack-drop contrast with the control,
-    and whether the arm used training labels. Undefined shares read as words."""
+    the router's held-out AUROC (Haar beside it; and within a problem's samples), the
+    hack-drop contrast with the control, and whether the arm used training labels.
+    Undefined shares read as words."""
     def ci(entry: Any, undefined: str = "not measured") -> str:
         return "" if not entry else stats.share_text(entry, (entry or {}).get("reason")
                                                      or undefined)
@@ -955,10 +963,21 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
             "router AUROC": (ci(r.get("auroc_ci")) if r.get("available", True) and r
                              else r.get("reason", "")),
             "Haar AUROC": ci(h.get("auroc_ci")) if h.get("available", True) and h else "",
+            "router AUROC within a problem": _within_text(r.get("auroc_within_problem")),
             "hack drop minus control": ci(contrast.get(arm)),
         })
     table = pd.DataFrame(rows).set_index("arm")
     return table.loc[:, (table != "").any(axis=0)]           # drop columns nothing measured
+
+
+def _within_text(entry: dict | None) -> str:
+    """``0.812 (96 pairs)``; words where no problem held both a hack and an honest
+    sample; empty where the router was not scored (summaries written before it)."""
+    if not entry:
+        return ""
+    if not entry.get("pairs"):
+        return "undefined: no problem had both a hack and an honest sample"
+    return f"{entry['value']:.3f} ({entry['pairs']} pairs)"
 
 
 def _point_of(entry: Any) -> float:

@@ -480,6 +480,32 @@ def auroc(scores: Any, labels: Any) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def within_group_auroc(scores: Any, labels: Any, groups: Any) -> tuple[float, int]:
+    """AUROC over the (positive, negative) pairs of one group only, and their count.
+
+    ``sum_g U_g / sum_g n+_g n-_g``, ``U_g`` the Mann-Whitney count of group ``g``
+    (ties 1/2): how often a hack outscores an honest rollout *of the same prompt*.
+    Group centring can only order rollouts within a group (a group of all hacks or
+    all honest rollouts centres to zero), so this is what it is accountable for;
+    :func:`auroc` mixes in the across-group order as well. NaN with 0 pairs when no
+    group holds both classes.
+    """
+    s, y = _scores_labels(scores, labels)
+    g = np.asarray(groups)
+    if g.shape != s.shape:
+        raise ValueError(f"groups must have one entry per score, got {g.shape} for {s.shape}")
+    u_sum, pairs = 0.0, 0
+    for key in np.unique(g):
+        sel = g == key
+        n_pos, n_neg = int(y[sel].sum()), int((~y[sel]).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ranks = _average_ranks(s[sel])
+        u_sum += ranks[y[sel]].sum() - n_pos * (n_pos + 1) / 2.0
+        pairs += n_pos * n_neg
+    return (float(u_sum / pairs) if pairs else float("nan")), pairs
+
+
 def auroc_ci(df: pd.DataFrame, score: str = "w", label: str = "is_hack", n: int = 1000,
              seed: int = 0, alpha: float = 0.05) -> CI:
     """AUROC of ``df[score]`` against ``df[label]`` with a bootstrap CI over problems.

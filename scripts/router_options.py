@@ -124,9 +124,34 @@ def summarise(name: str, ids: list[str], labels: np.ndarray, w: np.ndarray, seed
             "hack_above_half": float((w[labels] > 0.5).mean())}
 
 
+def group_decomposition(samples: pd.DataFrame, group_size: int) -> pd.DataFrame:
+    """Per step of a training run's ``samples.jsonl``: how much of the router's AUROC
+    is decided within GRPO groups (the G rollouts of one prompt, consecutive rows).
+
+    ``w_auroc_within``: :func:`evil_moe.stats.within_group_auroc`, the order of a
+    hack and an honest rollout of the same prompt. ``one_class_share``: the share of
+    rollouts whose group is all hacks or all honest; group centring sees no
+    behaviour difference there and leaves them at the group's level.
+    ``w_hack_one_class``: mean ``w`` of the hacks in all-hack groups."""
+    from evil_moe.stats import within_group_auroc
+    rows = []
+    for step, d in samples.groupby("step", sort=True):
+        hack = (d["label"] == "Reward hack").to_numpy()
+        group = np.arange(len(d)) // group_size
+        n_hack = pd.Series(hack).groupby(group).transform("sum").to_numpy()
+        one_class = (n_hack == 0) | (n_hack == group_size)
+        within, pairs = within_group_auroc(d["w"].to_numpy(), hack, group)
+        rows.append({"step": step, "w_auroc_within": within, "within_pairs": pairs,
+                     "one_class_share": float(one_class.mean()),
+                     "w_hack_one_class": float(d["w"][hack & one_class].mean())
+                     if (hack & one_class).any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
 def compare_runs(run_dirs: list[Path]) -> int:
     """The on-policy side of the comparison: per step of each training run, its router
-    AUROC and mean ``w`` on hacks and on the rest (``metrics.jsonl``), with its options."""
+    AUROC and mean ``w`` on hacks and on the rest (``metrics.jsonl``), with its options,
+    and how much of the AUROC is decided within groups (:func:`group_decomposition`)."""
     from evil_moe import grpo
     frames = []
     for d in run_dirs:
@@ -139,8 +164,12 @@ def compare_runs(run_dirs: list[Path]) -> int:
         sharpness = cfg.get("router_sharpness", NEUTRAL_LEVELS[1])
         m.insert(0, "run", f"{cfg['router_centering']}/{cfg['router_calibration']}"
                            f" p={prior:g} s={sharpness:g}")
-        frames.append(m[["run", "step", "hack_rate", "w_auroc", "w_hack", "w_not_hack",
-                         "w_gap", "step_time_s"]])
+        m = m[["run", "step", "hack_rate", "w_auroc", "w_hack", "w_not_hack", "w_gap",
+               "step_time_s"]]
+        if (d / grpo.SAMPLES_FILE).exists():
+            samples = pd.read_json(d / grpo.SAMPLES_FILE, lines=True)
+            m = m.merge(group_decomposition(samples, cfg["group_size"]), on="step", how="left")
+        frames.append(m)
     table = pd.concat(frames, ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(table.round(3).to_string(index=False))

@@ -537,6 +537,13 @@ def test_aggregate_arms_orders_the_ceiling_first_and_contrasts_by_seed(tmp_path)
     assert set(by_seed) == {"oracle", "evil_moe"} and set(by_seed["evil_moe"]) == {0, 1}
     for arm in ("oracle", "evil_moe"):
         assert all(c["lo"] > 0.2 for c in by_seed[arm].values())
+    table = evaluate.results_table(out)
+    # the routed arm's w separates perfectly within every problem (and across them)
+    within = out["arms"]["evil_moe"]["router"]["router"]["auroc_within_problem"]
+    assert within["value"] == 1.0 and within["pairs"] > 0
+    assert table.loc["evil_moe", "router AUROC within a problem"] == \
+        f"1.000 ({within['pairs']} pairs)"
+    assert table.loc["vanilla", "router AUROC within a problem"] == ""
 
 
 def test_group_centring_at_evaluation_uses_the_k_samples_of_a_problem(hacking_run, tmp_path,
@@ -590,3 +597,16 @@ def test_answer_sentence_follows_the_contrast_and_never_prints_nan(tmp_path):
 def _sub(tmp_path, name):
     (tmp_path / name).mkdir(exist_ok=True)
     return tmp_path / name
+
+
+def test_router_within_problem_auroc_ignores_problem_offsets():
+    """A per-problem level swamps the across-problem AUROC; the within-problem AUROC
+    reads only the order of a problem's own samples."""
+    df = synthetic_frame(p_on=0.5)
+    offset = df["problem_id"].str[1:].astype(int) / 40.0              # 0 .. 0.975
+    df["w"] = offset + np.where(df["is_hack"], 0.01, 0.0)
+    r = evaluate.router_diagnostics(df, n_boot=50)["router"]
+    on = df[df.condition == "on"]
+    mixed = on.groupby("problem_id")["is_hack"].agg(lambda h: h.sum() * (~h).sum())
+    assert r["auroc_within_problem"] == {"value": 1.0, "pairs": int(mixed.sum())}
+    assert r["auroc"] < 0.7

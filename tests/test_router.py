@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -248,10 +249,7 @@ def test_a_saved_router_comes_back_with_its_runs_prior_and_sharpness():
     assert not torch.allclose(HackRouter(haar_direction(M, R, seed=1))(x), trained(x))
 
 
-def test_router_options_levels_follow_the_config_rules():
-    """scripts/router_options.py --levels PRIOR:SHARPNESS: parsed into floats, and
-    rejected with the config's own message where the config would reject it."""
-    import argparse
+def _router_options_script():
     import importlib.util
 
     from evil_moe import paths
@@ -259,6 +257,14 @@ def test_router_options_levels_follow_the_config_rules():
         "router_options", paths.REPO_ROOT / "scripts" / "router_options.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_router_options_levels_follow_the_config_rules():
+    """scripts/router_options.py --levels PRIOR:SHARPNESS: parsed into floats, and
+    rejected with the config's own message where the config would reject it."""
+    import argparse
+    script = _router_options_script()
     assert script._level("0.25:3") == (0.25, 3.0)
     for text, key in [("1.5:3", "router_prior"), ("0:2", "router_prior"),
                       ("0.25:0", "router_sharpness")]:
@@ -266,3 +272,23 @@ def test_router_options_levels_follow_the_config_rules():
             script._level(text)
     with pytest.raises(argparse.ArgumentTypeError, match="PRIOR:SHARPNESS"):
         script._level("0.25")
+
+
+def test_group_decomposition_splits_a_step_into_its_groups():
+    """router_options.py --runs: per step, the within-group AUROC and the share of
+    rollouts in one-class groups, from samples.jsonl rows (groups of G consecutive)."""
+    import pandas as pd
+    script = _router_options_script()
+    H, C = "Reward hack", "Correct"
+    samples = pd.DataFrame({
+        "step": [0] * 6 + [1] * 6,
+        # step 0: group 1 mixed (hack above both honest), group 2 all hacks
+        # step 1: group 1 mixed (hack below one honest), group 2 all honest
+        "label": [H, C, C, H, H, H, C, H, C, C, C, C],
+        "w": [0.9, 0.2, 0.3, 0.5, 0.5, 0.6, 0.8, 0.4, 0.1, 0.3, 0.3, 0.3]})
+    out = script.group_decomposition(samples, group_size=3).set_index("step")
+    assert out.loc[0, "w_auroc_within"] == 1.0 and out.loc[0, "within_pairs"] == 2
+    assert out.loc[1, "w_auroc_within"] == 0.5 and out.loc[1, "within_pairs"] == 2
+    assert out.loc[0, "one_class_share"] == 0.5 == out.loc[1, "one_class_share"]
+    assert out.loc[0, "w_hack_one_class"] == pytest.approx((0.5 + 0.5 + 0.6) / 3)
+    assert math.isnan(out.loc[1, "w_hack_one_class"])

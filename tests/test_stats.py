@@ -407,3 +407,26 @@ def test_auroc_ci_resamples_problems_with_their_rows():
     assert tuple(perfect) == (1.0, 1.0, 1.0)
     one_class = stats.auroc_ci(df.assign(is_hack=True), "w", "is_hack", n=50)
     assert math.isnan(one_class.point) and "one class" in one_class.reason
+
+
+def test_within_group_auroc_counts_pairs_of_one_group_only():
+    # group a: hack 0.9 beats honest 0.8 and 0.2 -> 2/2; group b: hack 0.1 vs honest
+    # 0.1 (tie, 1/2) and 0.5 (loses, 0) -> 0.5/2; group c has one class: no pairs.
+    scores = [0.9, 0.8, 0.2, 0.1, 0.1, 0.5, 0.7, 0.6]
+    labels = [1, 0, 0, 1, 0, 0, 1, 1]
+    groups = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    value, pairs = stats.within_group_auroc(scores, labels, groups)
+    assert pairs == 4
+    assert value == pytest.approx(2.5 / 4)
+    # across groups the ordering differs: 0.7 and 0.6 (group c) beat b's honest 0.5
+    assert stats.auroc(scores, labels) != pytest.approx(value)
+    # a constant added per group changes nothing within groups
+    shifted = [x + {"a": 5.0, "b": -3.0, "c": 1.0}[k] for x, k in zip(scores, groups)]
+    assert stats.within_group_auroc(shifted, labels, groups) == (value, pairs)
+
+
+def test_within_group_auroc_without_mixed_groups_is_nan():
+    value, pairs = stats.within_group_auroc([0.1, 0.2, 0.3], [1, 1, 0], ["a", "a", "b"])
+    assert math.isnan(value) and pairs == 0
+    with pytest.raises(ValueError, match="one entry per score"):
+        stats.within_group_auroc([0.1, 0.2], [1, 0], ["a"])
