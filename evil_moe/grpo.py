@@ -15,7 +15,8 @@ One step, top to bottom (``train_step``):
 6. the router maps ``h`` (centred within each group when ``router_centering``
    is 'group'; with ``router_calibration`` 'batch' it first observes the step's
    statistics) to a soft weight ``w`` per rollout (gradient flows into the
-   router); grader labels never reach it. The ``oracle`` arm has no router: its
+   router, unless ``router_policy_gradient`` is false: then only the pin loss
+   trains it); grader labels never reach it. The ``oracle`` arm has no router: its
    ``w`` is the strict hack label from step 3 (seen with probability
    ``oracle_label_recall``);
 7. the training forward applies ``w`` (hack block scaled by ``w``, deployed
@@ -521,7 +522,8 @@ def train_step(state: TrainState, step: int) -> dict:
             w = w_of(rows)                                    # [b] or None; grad -> router
             if w is not None:
                 w_all[rows] = w.detach().float().cpu()
-                ctx = adapter.soft_weight(w)
+                # router_policy_gradient false: the router learns from the pin loss alone
+                ctx = adapter.soft_weight(w if cfg.router_policy_gradient else w.detach())
             else:
                 ctx = contextlib.nullcontext()
             with ctx:
@@ -549,9 +551,11 @@ def train_step(state: TrainState, step: int) -> dict:
     trainable = adapter_params + (list(router.parameters()) if router is not None else [])
     _sum_gradients(acc, trainable)
     norms = adapter.grad_norms()
-    router_norm = (torch.norm(torch.stack([p.grad.norm() for p in router.parameters()
-                                           if p.grad is not None])).item()
-                   if router is not None else float("nan"))
+    router_grads = [p.grad.norm() for p in router.parameters() if p.grad is not None] \
+        if router is not None else []
+    # no router: NaN; a router no loss reached this step (no pin, no policy gradient): 0
+    router_norm = (torch.norm(torch.stack(router_grads)).item() if router_grads
+                   else 0.0 if router is not None else float("nan"))
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
     state.optimizer.step()

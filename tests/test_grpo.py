@@ -303,3 +303,32 @@ def test_router_options_train_and_log_on_policy_separation(arm, tmp_path, v_act_
     assert int(p["router.num_batches"]) == 1                  # one step observed
     # batch-standardised logits at step 0 (scale +-1, bias 0): w straddles 0.5
     assert (w > 0.5).any() and (w < 0.5).any()
+
+
+def test_router_policy_gradient_off_leaves_the_router_to_the_pin_loss(tmp_path, v_act_dir, tiny):
+    """router_policy_gradient false: w is detached in the training forward. Without a pin
+    loss (no_pin) the router then never moves; the adapter's update is the same either
+    way; with the option on, the policy loss moves the router. Two steps: the adapter
+    starts at net zero, so the hack block (and with it dloss/dw) is zero at step 0."""
+    def two_steps(name, on):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(v_act_dir / grpo.V_ACT_FILE, d / grpo.V_ACT_FILE)
+        state = grpo.setup(load_preset("smoke", arm="no_pin", router_policy_gradient=on), d,
+                           grade_fn=scripted_verdicts, model_and_tokenizer=tiny)
+        try:
+            start = {k: v.clone() for k, v in state.router.state_dict().items()}
+            metrics = [grpo.train_step(state, k) for k in (0, 1)]
+            adapter = {k: v.clone() for k, v in state.adapter.state_dict().items()}
+            return start, state.router.state_dict(), adapter, metrics
+        finally:
+            state.adapter.remove()
+
+    start_off, off, adapter_off, m_off = two_steps("off", False)
+    start_on, on, adapter_on, m_on = two_steps("on", True)
+    assert all(torch.equal(off[k], start_off[k]) for k in ("gate", "scale", "bias"))
+    assert [m["grad_norm_router"] for m in m_off] == [0.0, 0.0]
+    assert m_on[1]["grad_norm_router"] > 0
+    assert not torch.equal(on["gate"], start_on["gate"])
+    assert all(torch.allclose(adapter_off[k], adapter_on[k], rtol=0, atol=1e-6)
+               for k in adapter_off)
