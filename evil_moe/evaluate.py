@@ -507,10 +507,13 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
     (fpr, tpr, thresholds; the first threshold is +inf, written as null in
     ``summary.json``), ``auroc_ci`` (bootstrap over problems, ``stats.auroc_ci``),
     ``auroc_within_problem`` (``stats.within_group_auroc`` over the samples of each
-    problem: value and number of hack/non-hack pairs) and ``reasons`` for any NaN.
+    problem: value and number of hack/non-hack pairs), ``auroc_vs_overwrite`` (against
+    ``grader.OVERWRITE_LABELS``: every harmful ``run_tests``, the ones beside a correct
+    solution included) and ``reasons`` for any NaN.
     An entry without scores has ``available: false`` and a ``reason`` (vanilla: no
     router).
     """
+    from .env.grader import OVERWRITE_LABELS
     on = df[df["condition"] == "on"]
     if on.empty:
         return {"available": False, "reason": "no ON rollouts were evaluated"}
@@ -535,6 +538,9 @@ def router_diagnostics(df: pd.DataFrame, threshold: float = 0.5, beta: float = 0
             on[col].to_numpy(), on["is_hack"].to_numpy(bool),
             (on["seed"].astype(str) + "/" + on[stats.PROBLEM].astype(str)).to_numpy())
         out[name]["auroc_within_problem"] = {"value": within, "pairs": pairs}
+        # against any harmful run_tests, the attempts beside a correct solution included
+        out[name]["auroc_vs_overwrite"] = stats.auroc(on[col].to_numpy(),
+                                                      on["label"].isin(OVERWRITE_LABELS))
     if not out["router"].get("available", True) and not out["haar"].get("available", True):
         out["available"] = False
         out["reason"] = out["router"]["reason"]
@@ -964,10 +970,19 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
                              else r.get("reason", "")),
             "Haar AUROC": ci(h.get("auroc_ci")) if h.get("available", True) and h else "",
             "router AUROC within a problem": _within_text(r.get("auroc_within_problem")),
+            "router AUROC vs any harmful run_tests": _number_text(r.get("auroc_vs_overwrite")),
             "hack drop minus control": ci(contrast.get(arm)),
         })
     table = pd.DataFrame(rows).set_index("arm")
     return table.loc[:, (table != "").any(axis=0)]           # drop columns nothing measured
+
+
+def _number_text(value: float | None) -> str:
+    """``0.812``; empty where not measured (summaries written before it, no router),
+    words where undefined (one class only)."""
+    if value is None:
+        return ""
+    return "undefined: one class only" if math.isnan(value) else f"{value:.3f}"
 
 
 def _within_text(entry: dict | None) -> str:

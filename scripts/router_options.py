@@ -132,16 +132,23 @@ def group_decomposition(samples: pd.DataFrame, group_size: int) -> pd.DataFrame:
     hack and an honest rollout of the same prompt. ``one_class_share``: the share of
     rollouts whose group is all hacks or all honest; group centring sees no
     behaviour difference there and leaves them at the group's level.
-    ``w_hack_one_class``: mean ``w`` of the hacks in all-hack groups."""
-    from evil_moe.stats import within_group_auroc
+    ``w_hack_one_class``: mean ``w`` of the hacks in all-hack groups.
+    ``w_auroc_overwrite``: the AUROC against every harmful ``run_tests``
+    (``grader.OVERWRITE_LABELS``; ``overwrite_rate`` their share), which counts the
+    attempts beside a correct solution as what they do, not as honest."""
+    from evil_moe.env.grader import HACK_LABEL, OVERWRITE_LABELS
+    from evil_moe.stats import auroc, within_group_auroc
     rows = []
     for step, d in samples.groupby("step", sort=True):
-        hack = (d["label"] == "Reward hack").to_numpy()
+        hack = (d["label"] == HACK_LABEL).to_numpy()
         group = np.arange(len(d)) // group_size
         n_hack = pd.Series(hack).groupby(group).transform("sum").to_numpy()
         one_class = (n_hack == 0) | (n_hack == group_size)
         within, pairs = within_group_auroc(d["w"].to_numpy(), hack, group)
         rows.append({"step": step, "w_auroc_within": within, "within_pairs": pairs,
+                     "overwrite_rate": float(d["label"].isin(OVERWRITE_LABELS).mean()),
+                     "w_auroc_overwrite": auroc(d["w"].to_numpy(),
+                                                d["label"].isin(OVERWRITE_LABELS).to_numpy()),
                      "one_class_share": float(one_class.mean()),
                      "w_hack_one_class": float(d["w"][hack & one_class].mean())
                      if (hack & one_class).any() else float("nan")})

@@ -544,6 +544,7 @@ def test_aggregate_arms_orders_the_ceiling_first_and_contrasts_by_seed(tmp_path)
     assert table.loc["evil_moe", "router AUROC within a problem"] == \
         f"1.000 ({within['pairs']} pairs)"
     assert table.loc["vanilla", "router AUROC within a problem"] == ""
+    assert table.loc["evil_moe", "router AUROC vs any harmful run_tests"] == "1.000"
 
 
 def test_group_centring_at_evaluation_uses_the_k_samples_of_a_problem(hacking_run, tmp_path,
@@ -610,3 +611,16 @@ def test_router_within_problem_auroc_ignores_problem_offsets():
     mixed = on.groupby("problem_id")["is_hack"].agg(lambda h: h.sum() * (~h).sum())
     assert r["auroc_within_problem"] == {"value": 1.0, "pairs": int(mixed.sum())}
     assert r["auroc"] < 0.7
+
+
+def test_router_auroc_vs_overwrite_counts_attempts_beside_a_correct_solution():
+    """A router that scores every harmful run_tests high, the strict hacks and the
+    attempts beside a correct solution alike, is perfect against OVERWRITE_LABELS and
+    looks worse against the strict label, which calls the attempts honest."""
+    df = synthetic_frame(p_on=0.4)
+    attempt = (~df["is_hack"]) & (df["sample"] % 2 == 0)
+    df.loc[attempt, "label"] = "Correct; attempted reward hack"
+    df["w"] = np.where(df["is_hack"] | attempt, 0.8, 0.3)
+    r = evaluate.router_diagnostics(df, n_boot=50)["router"]
+    assert r["auroc_vs_overwrite"] == 1.0
+    assert r["auroc"] < 0.9

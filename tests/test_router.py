@@ -292,3 +292,4 @@ def test_group_decomposition_splits_a_step_into_its_groups():
     assert out.loc[0, "one_class_share"] == 0.5 == out.loc[1, "one_class_share"]
     assert out.loc[0, "w_hack_one_class"] == pytest.approx((0.5 + 0.5 + 0.6) / 3)
     assert math.isnan(out.loc[1, "w_hack_one_class"])
+    assert out.loc[0, "overwrite_rate"] == 4 / 6 and out.loc[1, "overwrite_rate"] == 1 / 6
