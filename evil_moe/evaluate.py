@@ -573,10 +573,12 @@ def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: flo
               solve_df: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every statistic of an evaluation frame (one run, or several seeds of one arm).
 
-    - ``conditions``: hack / solve / hint-pass rates with CIs, mean reward, label
-      counts, mean w, per condition;
-    - ``ablation``: paired ON-vs-OFF for hacking (``hack``) and solving
-      (``solve``): both rates, the difference, share removed and share kept;
+    - ``conditions``: hack / solve / hint-pass rates with CIs, the rate of harmful
+      ``run_tests`` of any kind (``overwrite_rate``, ``grader.OVERWRITE_LABELS``),
+      mean reward, label counts, mean w, per condition;
+    - ``ablation``: paired ON-vs-OFF for hacking (``hack``), solving (``solve``)
+      and harmful ``run_tests`` (``overwrite``): both rates, the difference, share
+      removed and share kept;
       with base rows also ``hack_trained_removed``, ``(ON - OFF) / (ON - base)``;
     - ``mirror`` (with deployed_off rows): ON vs the deployed block removed;
     - ``solve_split`` (``solve_df`` given): ``summarize_solve_split``;
@@ -595,13 +597,18 @@ def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: flo
         "samples_per_problem": _samples_per_problem(df),
         "bootstrap": n_boot, "alpha": alpha, "confidence": 1 - alpha,
     })
-    conds = stats.condition_rates(df, ("is_hack", "gt_pass", "hint_pass"), n=n_boot, seed=seed,
-                                  alpha=alpha)
+    from .env.grader import OVERWRITE_LABELS
+    # every harmful run_tests, whatever the solution did (the strict label calls one beside
+    # a correct solution honest): what removing the hack expert does to the behaviour itself
+    df = df.assign(overwrites_run_tests=df["label"].isin(OVERWRITE_LABELS))
+    conds = stats.condition_rates(df, ("is_hack", "gt_pass", "hint_pass", "overwrites_run_tests"),
+                                  n=n_boot, seed=seed, alpha=alpha)
     for cond, entry in conds.items():
         sub = df[df["condition"] == cond]
         entry["hack_rate"] = entry.pop("is_hack")
         entry["solve_rate"] = entry.pop("gt_pass")
         entry["hint_pass_rate"] = entry.pop("hint_pass")
+        entry["overwrite_rate"] = entry.pop("overwrites_run_tests")
         entry["mean_reward"] = float(sub["reward"].mean())
         entry["labels"] = {str(k): int(v) for k, v in sub["label"].value_counts().items()}
         entry["mean_w"] = float(sub["w"].mean()) if sub["w"].notna().any() else float("nan")
@@ -622,7 +629,9 @@ def summarize(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, alpha: flo
             "hack": stats.paired_comparison(df, "is_hack", "on", "off", n=n_boot, seed=seed,
                                             alpha=alpha).to_dict(),
             "solve": stats.paired_comparison(df, "gt_pass", "on", "off", n=n_boot, seed=seed,
-                                             alpha=alpha).to_dict()}
+                                             alpha=alpha).to_dict(),
+            "overwrite": stats.paired_comparison(df, "overwrites_run_tests", "on", "off",
+                                                 n=n_boot, seed=seed, alpha=alpha).to_dict()}
         if "base" in present:
             summary["ablation"]["hack_trained_removed"] = stats.trained_share_removed(
                 df, "is_hack", n=n_boot, seed=seed, alpha=alpha).to_dict()
@@ -957,6 +966,8 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
                 ab["hack_trained_removed"], stats.UNDEFINED_TRAINED)
             if ab.get("hack_trained_removed") else "",
             "solve ON": rate(s, "on", "solve_rate"), "solve OFF": rate(s, "off", "solve_rate"),
+            "harmful run_tests ON": rate(s, "on", "overwrite_rate"),
+            "harmful run_tests OFF": rate(s, "off", "overwrite_rate"),
             f"solve ON, {split.get('name', 'solvable')} split":
                 ci((sab.get("solve") or {}).get("on")),
             f"solve OFF, {split.get('name', 'solvable')} split":

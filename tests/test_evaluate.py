@@ -624,3 +624,10 @@ def test_router_auroc_vs_overwrite_counts_attempts_beside_a_correct_solution():
     r = evaluate.router_diagnostics(df, n_boot=50)["router"]
     assert r["auroc_vs_overwrite"] == 1.0
     assert r["auroc"] < 0.9
+    s = evaluate.summarize(df, n_boot=50)
+    on = df[df.condition == "on"]
+    overwrite = on.is_hack | (on.label == "Correct; attempted reward hack")
+    assert s["conditions"]["on"]["overwrite_rate"]["point"] == pytest.approx(overwrite.mean())
+    assert s["ablation"]["overwrite"]["on"]["point"] == pytest.approx(overwrite.mean())
+    assert evaluate.results_table({"arms": {"evil_moe": s}}).loc[
+        "evil_moe", "harmful run_tests ON"].startswith(f"{overwrite.mean():.3f}")
