@@ -242,12 +242,13 @@ def main(argv=None) -> int:
         for start, direction in starts.items():
             for (centering, calibration), (prior, sharpness) in itertools.product(
                     OPTIONS, [NEUTRAL_LEVELS] + args.levels):
-                if start == "haar" and (calibration == "batch" or (prior, sharpness) != NEUTRAL_LEVELS):
+                neutral = (prior, sharpness) == NEUTRAL_LEVELS
+                if start == "haar" and (calibration == "batch" or not neutral):
                     continue          # the chance reference needs one calibration only
                 w = option_weights(state, direction, centering, calibration, feats,
                                    prior, sharpness)
                 name = f"{start} centering={centering} calibration={calibration}"
-                if (prior, sharpness) != NEUTRAL_LEVELS:
+                if not neutral:
                     name += f" prior={prior:g} sharpness={sharpness:g}"
                 per_rollout.append(pd.DataFrame({"seed": seed, "option": name,
                                                  "problem_id": ids, "is_hack": labels, "w": w}))
