@@ -900,8 +900,9 @@ def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = arms.CONTRO
     drop is than the control arm's (``stats.drop_contrast``, paired by seed and problem),
     pooled over seeds and per seed.
 
-    Returns ``{"arms": {arm: summary}, "contrast_vs_<control>": {arm: CI dict},
-    "contrast_by_seed_vs_<control>": {arm: {seed: CI dict}}}``; arms in
+    Returns ``{"arms": {arm: summary}, "contrast_vs_<control>": {arm: CI dict with the
+    ``seeds`` it pooled}, "contrast_by_seed_vs_<control>": {arm: {seed: CI dict}}}``: each
+    contrast over the seeds both arms ran (none: no entry); arms in
     ``arms.DISPLAY_ORDER`` (the oracle ceiling first).
     """
     by_arm: dict[str, list[Path]] = {}
@@ -920,17 +921,23 @@ def aggregate_arms(run_dirs: Sequence[str | Path], *, control: str = arms.CONTRO
     if control in frames and all(has_on_off(df) for df in frames.values()):
         key = f"contrast_vs_{control}"
         out[key] = {}
+        ctrl = frames[control]
         for arm, df in frames.items():
             if arm == control:
                 continue
-            ci = stats.drop_contrast(df, frames[control], "is_hack", n=n_boot, seed=seed)
-            out[key][arm] = ci.to_dict()
+            # paired by seed and problem: only the seeds both arms ran (a study run in
+            # parts may hold more seeds of one arm than of the other)
+            seeds = sorted(int(x) for x in set(df.seed) & set(ctrl.seed))
+            if not seeds:
+                continue
+            ci = stats.drop_contrast(df[df.seed.isin(seeds)], ctrl[ctrl.seed.isin(seeds)],
+                                     "is_hack", n=n_boot, seed=seed)
+            out[key][arm] = {**ci.to_dict(), "seeds": seeds}
             out.setdefault(f"contrast_by_seed_vs_{control}", {})[arm] = {
-                int(s): stats.drop_contrast(df[df.seed == s], frames[control][
-                    frames[control].seed == s], "is_hack", n=n_boot, seed=seed).to_dict()
-                for s in sorted(set(df.seed) & set(frames[control].seed))}
+                s: stats.drop_contrast(df[df.seed == s], ctrl[ctrl.seed == s], "is_hack",
+                                       n=n_boot, seed=seed).to_dict() for s in seeds}
             if verbose:
-                print(f"  hack drop {arm} minus {control}: {ci.fmt()}")
+                print(f"  hack drop {arm} minus {control} (seeds {seeds}): {ci.fmt()}")
     return out
 
 
@@ -949,7 +956,10 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
         return ci((s["conditions"].get(cond) or {}).get(key))
 
     rows = []
-    contrast = next((v for k, v in agg.items() if k.startswith("contrast_vs_")), {})
+    key = next((k for k in agg if k.startswith("contrast_vs_")), None)
+    contrast = agg[key] if key else {}
+    control_seeds = (agg["arms"].get(key[len("contrast_vs_"):]) or {}).get("seeds") if key \
+        else None
     for arm, s in agg["arms"].items():
         ab = s.get("ablation") or {}
         split = s.get("solve_split") or {}
@@ -982,10 +992,21 @@ def results_table(agg: dict[str, Any]) -> pd.DataFrame:
             "Haar AUROC": ci(h.get("auroc_ci")) if h.get("available", True) and h else "",
             "router AUROC within a problem": _within_text(r.get("auroc_within_problem")),
             "router AUROC vs any harmful run_tests": _number_text(r.get("auroc_vs_overwrite")),
-            "hack drop minus control": ci(contrast.get(arm)),
+            "hack drop minus control": _contrast_cell(contrast.get(arm), control_seeds),
         })
     table = pd.DataFrame(rows).set_index("arm")
     return table.loc[:, (table != "").any(axis=0)]           # drop columns nothing measured
+
+
+def _contrast_cell(entry: dict | None, control_seeds: list | None) -> str:
+    """The contrast with its CI, naming its seeds where they are fewer than the control's."""
+    if not entry:
+        return ""
+    text = stats.share_text(entry, "not measured")
+    seeds = entry.get("seeds")
+    if seeds is not None and control_seeds is not None and list(seeds) != list(control_seeds):
+        text += f" (seeds {', '.join(map(str, seeds))} only)"
+    return text
 
 
 def _number_text(value: float | None) -> str:

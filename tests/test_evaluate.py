@@ -631,3 +631,22 @@ def test_router_auroc_vs_overwrite_counts_attempts_beside_a_correct_solution():
     assert s["ablation"]["overwrite"]["on"]["point"] == pytest.approx(overwrite.mean())
     assert evaluate.results_table({"arms": {"evil_moe": s}}).loc[
         "evil_moe", "harmful run_tests ON"].startswith(f"{overwrite.mean():.3f}")
+
+
+def test_aggregate_arms_contrasts_over_the_seeds_both_arms_ran(tmp_path):
+    """A study run in parts: the oracle has seed 0 only, the others seeds 0 and 1. The
+    contrast pairs the seeds both arms ran and says so; it used to raise."""
+    dirs = [_fake_run(tmp_path, arm, s, with_w=arm == "evil_moe",
+                      p_off=0.65 if arm == "vanilla" else 0.1)
+            for arm, seeds in (("oracle", (0,)), ("evil_moe", (0, 1)), ("vanilla", (0, 1)))
+            for s in seeds]
+    out = evaluate.aggregate_arms(dirs, n_boot=100, verbose=False)
+    contrast = out["contrast_vs_vanilla"]
+    assert contrast["oracle"]["seeds"] == [0] and contrast["evil_moe"]["seeds"] == [0, 1]
+    assert set(out["contrast_by_seed_vs_vanilla"]["oracle"]) == {0}
+    alone = stats.drop_contrast(evaluate.read_eval(dirs[0]), evaluate.read_eval(dirs[3]),
+                                "is_hack", n=100, seed=0)
+    assert contrast["oracle"]["point"] == pytest.approx(alone.point)
+    table = evaluate.results_table(out)
+    assert table.loc["oracle", "hack drop minus control"].endswith("(seeds 0 only)")
+    assert "only" not in table.loc["evil_moe", "hack drop minus control"]
