@@ -705,7 +705,7 @@ def _nanmean(x: torch.Tensor) -> float:
 def _check_finite(loss: torch.Tensor, step: int, state: TrainState, **terms) -> None:
     if torch.isfinite(loss).all():
         return
-    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    parts = ", ".join(f"{k}={float(torch.as_tensor(v).detach()):.4g}" for k, v in terms.items())
     kept = (f"the last good checkpoint (step {checkpoint_step(state.run_dir)}) is kept in "
             f"{state.run_dir / checkpoint.CHECKPOINT}" if checkpoint.exists(state.run_dir)
             else "no checkpoint was written yet")
