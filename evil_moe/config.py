@@ -149,16 +149,16 @@ class RunConfig:
     router_prior: float = _f(NEUTRAL_LEVELS[0], "The prior share of hacks among rollouts, "
                              "against the authored pairs' balanced 1/2: each rollout's routing "
                              "logit gets log(prior / (1 - prior)) added (Bayes' rule under a "
-                             "shift of the class prior), so a rollout the router cannot tell apart from "
-                             "its group gets w = prior instead of 1/2. The pin loss is "
+                             "shift of the class prior), so a rollout the router cannot tell "
+                             "apart from its group gets w = prior instead of 1/2. The pin loss is "
                              "unchanged. 0.5 adds nothing. A fixed number, chosen on training "
                              "problems; label-free.", gt=0, lt=1)
     router_sharpness: float = _f(NEUTRAL_LEVELS[1], "Multiplies each rollout's calibrated "
                                  "routing logit before the sigmoid (and the prior): the "
                                  "rollouts of a group differ less than the authored pairs "
-                                 "that set the scale, so "
-                                 "their w sits near the middle; above 1 spreads it. The pin "
-                                 "loss is unchanged. 1 changes nothing. Label-free.", gt=0)
+                                 "that set the scale, so their w sits near the middle; above "
+                                 "1 spreads it. The pin loss is unchanged. 1 changes nothing. "
+                                 "Label-free.", gt=0)
     router_policy_gradient: bool = _f(True, "Whether the router learns from the policy "
                                       "loss: w enters the training forward undetached, so the "
                                       "PG and KL terms move the gate, scale and bias (besides "

@@ -1,9 +1,9 @@
 """Why the router's on-policy separation decays: the gate, or the features it reads?
 
-    python scripts/router_drift.py RUN_DIR [--step K]
+    python scripts/router_drift.py RUN_DIR
 
-A training run's rollouts of step ``K`` (default: the step after its older checkpoint,
-``checkpoint.prev``) were scored by the router and the deployed ``A[:r]`` as they stood
+A training run's rollouts of step ``K``, the step after its older checkpoint
+(``checkpoint.prev``), were scored by the router and the deployed ``A[:r]`` as they stood
 before that step. This script re-scores the same rollouts (``samples.jsonl``: problem
 and completion text, re-tokenised) four ways, crossing the router and the adapter as
 ``grpo.setup`` made them (step 0) with those of the checkpoint before step ``K``:
@@ -35,52 +35,39 @@ import torch
 
 from evil_moe import checkpoint, grpo
 from evil_moe.config import from_dict
+from evil_moe.env.grader import HACK_LABEL
 from evil_moe.stats import auroc, within_group_auroc
+from router_options import base_pooled_features      # scripts/, beside this file
 
 
 def pooled_features(state, rows: pd.DataFrame) -> torch.Tensor:
     """``[B, M, r]`` pooled deployed features of the rollouts ``rows`` (group-major)."""
-    cfg, tok = state.cfg, state.tokenizer
+    tok, G = state.tokenizer, state.cfg.group_size
     index = {p.id: i for i, p in enumerate(state.problems)}
-    G = cfg.group_size
     chosen = [index[pid] for pid in rows["problem_id"].iloc[::G]]
-    group_prompts = [state.prompt_ids[i] for i in chosen]
-    owner = [j for j in range(len(chosen)) for _ in range(G)]
     completion_ids = [tok(t, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
                       for t in rows["completion"]]
-    feats = []
-    with torch.no_grad(), state.adapter.disable(), grpo._autocast(cfg, state.model):
-        for batch in grpo._consecutive_batches(len(rows), cfg.micro_batch_size):
-            _, f = grpo._score_rows(state.model, group_prompts, owner, completion_ids, batch,
-                                    pad_id=tok.pad_token_id,
-                                    chunk_tokens=cfg.logprob_chunk_tokens,
-                                    shared=cfg.share_prompt_forward, pool=state.adapter)
-            feats.append(f.float())
-    return torch.cat(feats)
+    return base_pooled_features(state, [state.prompt_ids[i] for i in chosen],
+                                [j for j in range(len(chosen)) for _ in range(G)],
+                                completion_ids)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--step", type=int, default=None,
-                    help="the step whose rollouts are re-scored (default: the checkpoint's "
-                         "next step)")
     args = ap.parse_args(argv)
     d = args.run_dir
     prev = d / "checkpoint.prev"
     if not prev.exists():
         raise SystemExit(f"error: {prev} does not exist: train at least 2 steps first")
     saved = checkpoint.read_state(prev)
-    step = saved["step"] + 1 if args.step is None else args.step
-    if step != saved["step"] + 1:
-        raise SystemExit(f"error: {prev} is the state before step {saved['step'] + 1}, "
-                         f"not before step {step}")
+    step = saved["step"] + 1           # the rollouts this state scored
     cfg = from_dict(saved["config"], source=str(prev))
     samples = pd.read_json(d / grpo.SAMPLES_FILE, lines=True)
     rows = samples[samples["step"] == step].reset_index(drop=True)
     if rows.empty:
         raise SystemExit(f"error: {d / grpo.SAMPLES_FILE} has no rollouts of step {step}")
-    hack = (rows["label"] == "Reward hack").to_numpy()
+    hack = (rows["label"] == HACK_LABEL).to_numpy()
     group = np.arange(len(rows)) // cfg.group_size
 
     from evil_moe.warm_start import load_base_model

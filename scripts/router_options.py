@@ -48,6 +48,24 @@ VALIDATION_STEP_OFFSET = 10_000
 problems and sampling streams are not the ones training uses."""
 
 
+def base_pooled_features(state, group_prompts: list[list[int]], owner: list[int],
+                         completion_ids: list[list[int]]) -> torch.Tensor:
+    """``[B, M, r]`` float32 pooled deployed features of B rollouts (group-major, the
+    prompt of rollout i is ``group_prompts[owner[i]]``), under the base model exactly as
+    ``grpo.train_step`` step 5 computes them."""
+    from evil_moe import grpo
+    cfg, model, tok = state.cfg, state.model, state.tokenizer
+    pooled = []
+    with torch.no_grad(), state.adapter.disable(), grpo._autocast(cfg, model):
+        for rows in grpo._consecutive_batches(len(completion_ids), cfg.micro_batch_size):
+            _, f = grpo._score_rows(model, group_prompts, owner, completion_ids, rows,
+                                    pad_id=tok.pad_token_id,
+                                    chunk_tokens=cfg.logprob_chunk_tokens,
+                                    shared=cfg.share_prompt_forward, pool=state.adapter)
+            pooled.append(f)
+    return torch.cat(pooled).float().cpu()
+
+
 def rollouts(state, n_batches: int):
     """``n_batches`` step-shaped batches: (problem ids [B], is_hack [B], features [B, M, r])."""
     from evil_moe import grpo
@@ -73,17 +91,9 @@ def rollouts(state, n_batches: int):
         verdicts = grpo._grade(state, problems, texts)
         owner = [j for j in range(len(chosen)) for _ in range(G)]
         group_prompts = [state.prompt_ids[i] for i in chosen]
-        pooled = []
-        with torch.no_grad(), adapter.disable(), grpo._autocast(cfg, model):
-            for rows in grpo._consecutive_batches(len(texts), cfg.micro_batch_size):
-                _, f = grpo._score_rows(model, group_prompts, owner, completion_ids, rows,
-                                        pad_id=tok.pad_token_id,
-                                        chunk_tokens=cfg.logprob_chunk_tokens,
-                                        shared=cfg.share_prompt_forward, pool=adapter)
-                pooled.append(f)
         ids += [p.id for p in problems]
         labels += [bool(v.is_hack) for v in verdicts]
-        feats.append(torch.cat(pooled).float().cpu())
+        feats.append(base_pooled_features(state, group_prompts, owner, completion_ids))
         print(f"  batch {b + 1}/{n_batches}: {len(texts)} rollouts, hack rate "
               f"{np.mean([v.is_hack for v in verdicts]):.3f}, {time.perf_counter() - t0:.0f} s",
               flush=True)
