@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import TARGET_MODULES
+from .sequences import keep_lowp_head
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -264,7 +265,8 @@ class ExpertAdapter:
         return adapter
 
     def cast_frozen_weights(self, dtype: torch.dtype) -> None:
-        """Keep a ``dtype`` copy of each wrapped frozen weight for forwards under autocast.
+        """Keep a ``dtype`` copy of each wrapped frozen weight, and of the frozen LM head's
+        (``sequences.keep_lowp_head``), for forwards under autocast.
 
         Autocast casts only tensors that require grad once per region; a frozen
         float32 weight is cast again at every matmul, which measured 27% of a
@@ -276,6 +278,7 @@ class ExpertAdapter:
             for layer in self.layers:
                 if layer.base.weight.dtype != dtype:
                     layer.base_lowp = layer.base.weight.detach().to(dtype)
+        keep_lowp_head(self.model, dtype)     # the LM head is frozen too (not wrapped)
 
     def remove(self) -> None:
         """Put the original ``nn.Linear`` modules back; the adapter is unusable afterwards."""

@@ -39,7 +39,7 @@ DEFAULT_CHUNK_TOKENS = 2048
 """Completion tokens whose logits are materialised at once (``[chunk, V]`` float32)."""
 
 
-def _check_plain_head(model) -> torch.nn.Module:
+def plain_head(model) -> torch.nn.Module:
     """The LM head, if logits are exactly ``head(final hidden state)``; else a clear error."""
     head = model.get_output_embeddings()
     config = getattr(model, "config", None)
@@ -52,10 +52,41 @@ def _check_plain_head(model) -> torch.nn.Module:
     return head
 
 
+LOWP_HEAD_BUFFER = "weight_lowp"
+"""Name of the frozen LM head's low-precision copy (a non-persistent buffer on the head)."""
+
+
+def keep_lowp_head(model, dtype: torch.dtype) -> None:
+    """Keep a ``dtype`` copy of the frozen LM head's weight for forwards under autocast.
+
+    Autocast casts a weight that does not require grad again at every call: for
+    SmolLM2 the ``[V, d] = [49152, 576]`` head weight once per decode step and
+    once per log-probability chunk. The copy holds exactly what autocast would
+    cast it to, so ``head_forward`` is bitwise unchanged. A trainable head keeps
+    no copy (its copy would go stale).
+    """
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad \
+            and head.weight.dtype != dtype:
+        with torch.no_grad():
+            head.register_buffer(LOWP_HEAD_BUFFER, head.weight.detach().to(dtype),
+                                 persistent=False)
+
+
+def head_forward(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)``, under autocast on the head's kept low-precision weight if it has one
+    (``keep_lowp_head``): the same values, without recasting the weight. [..., d] -> [..., V]."""
+    lowp = getattr(head, LOWP_HEAD_BUFFER, None)
+    if lowp is not None and torch.is_autocast_enabled(hidden.device.type) \
+            and torch.get_autocast_dtype(hidden.device.type) == lowp.dtype:
+        return torch.nn.functional.linear(hidden, lowp, head.bias)
+    return head(hidden)
+
+
 def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:
     """``log softmax(head(hidden))[target]`` per row. hidden: [N, d], targets: [N] -> [N]."""
-    logits = head(hidden).float()                                          # [N, V]
+    logits = head_forward(head, hidden).float()                            # [N, V]
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -96,7 +127,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     runs once; the LM head then sees only the states that predict a completion
     token (``head_logprobs``, in chunks). Masked positions are 0.
     """
-    head = _check_plain_head(model)
+    head = plain_head(model)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=False).last_hidden_state
@@ -173,7 +204,7 @@ def score_completions(model, prefix: PromptPrefix, completion_ids: torch.Tensor,
     (``completion_states``). Equal to ``completion_logprobs`` on the packed rows
     up to float rounding.
     """
-    head = _check_plain_head(model)
+    head = plain_head(model)
     hidden = completion_states(model, prefix, completion_ids, completion_mask)   # [b, C, d]
     predicting = torch.cat([prefix.last_hidden[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)
     return head_logprobs(head, predicting, completion_ids, completion_mask, chunk_tokens)

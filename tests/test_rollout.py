@@ -133,3 +133,71 @@ def test_evaluation_streams_do_not_depend_on_prompts_per_batch(tiny):
     c = generate(model, tok, prompts, 2, prompts_per_batch=2, **{**kw, "seed": 5})
     assert a == b
     assert a[1] != c[1]
+
+
+def _decode_logits(model, ids, mask, steps, *, buffered, autocast):
+    """Logits of a prefill and ``steps`` greedy decode steps, on the cache kind asked for."""
+    from evil_moe.rollout import buffer_cache
+    logits = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        cache = out.past_key_values
+        if buffered:
+            buffer_cache(cache, room=steps, dtype=torch.bfloat16 if autocast else None)
+        pos = mask.sum(-1, keepdim=True)
+        for t in range(steps):
+            logits.append(out.logits[:, -1].float())
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            if t == 1:                                 # a row finishes: the batch shrinks
+                keep = torch.tensor([0, 2])
+                cache.batch_select_indices(keep)
+                tok, mask, pos = tok[keep], mask[keep], pos[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            out = model(input_ids=tok, attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True)
+            pos = pos + 1
+    return logits
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_buffered_kv_cache_gives_the_dynamic_caches_logits_bit_for_bit(tiny, autocast):
+    """The decode loop's preallocated cache (written in place, bf16 under autocast) holds
+    the values the growing cache holds, or that attention casts it to: equal logits."""
+    model, tok = tiny
+    enc = tok([format_chat(tok, [{"role": "user", "content": q}]) for q in
+               ("hi", "write a function that adds two numbers please", "sort a list")],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    grow = _decode_logits(model, enc.input_ids, enc.attention_mask, 5, buffered=False,
+                          autocast=autocast)
+    buf = _decode_logits(model, enc.input_ids, enc.attention_mask, 5, buffered=True,
+                         autocast=autocast)
+    assert len(buf) == 5 and all(torch.equal(a, b) for a, b in zip(grow, buf))
+
+
+def test_buffered_kv_cache_refuses_to_overflow(tiny):
+    from evil_moe.rollout import BufferedLayer
+    layer = BufferedLayer(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), room=1)
+    layer.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))
+    assert layer.get_seq_length() == 4 and layer.keys[:, :, 3].eq(1).all()
+    with pytest.raises(RuntimeError, match="KV buffer full"):
+        layer.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))
+
+
+def test_low_precision_head_is_autocasts_head_bit_for_bit(tiny):
+    """keep_lowp_head's bf16 copy gives what autocast computes from the float32 weight,
+    and nothing changes outside autocast."""
+    import copy
+
+    from evil_moe.sequences import LOWP_HEAD_BUFFER, head_forward, keep_lowp_head
+    model = copy.deepcopy(tiny[0])
+    head = model.get_output_embeddings()
+    hidden = torch.randn(5, head.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = head(hidden)
+    keep_lowp_head(model, torch.bfloat16)
+    assert getattr(head, LOWP_HEAD_BUFFER).dtype == torch.bfloat16
+    assert LOWP_HEAD_BUFFER not in model.state_dict().keys() | head.state_dict().keys()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head_forward(head, hidden), ref)
+    assert torch.equal(head_forward(head, hidden), head(hidden))
