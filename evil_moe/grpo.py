@@ -69,9 +69,10 @@ from tqdm import tqdm
 
 from . import arms, checkpoint, memory_plan
 from .config import RunConfig
-from .vact import V_ACT_FILE
+from .models import attention_kernel
 from .sequences import (completion_logprobs, pack_rollouts, prefill_prompts, right_padded,
                         score_completions)
+from .vact import V_ACT_FILE
 
 ROUTED_ARMS = arms.ROUTED_ARMS
 PINNED_ARMS = arms.PINNED_ARMS
@@ -517,25 +518,27 @@ def train_step(state: TrainState, step: int) -> dict:
                     and not cfg.gradient_checkpointing)
     batches = (_consecutive_batches(B, mb) if share_prompt else _length_sorted_batches(
         [len(group_prompts[o]) + len(c) for o, c in zip(owner, completion_ids)], mb))
-    for rows in batches:
-        with _autocast(cfg, model):
-            w = w_of(rows)                                    # [b] or None; grad -> router
-            if w is not None:
-                w_all[rows] = w.detach().float().cpu()
-                # router_policy_gradient false: the router learns from the pin loss alone
-                ctx = adapter.soft_weight(w if cfg.router_policy_gradient else w.detach())
-            else:
-                ctx = contextlib.nullcontext()
-            with ctx:
-                logp, _ = score(rows, shared=share_prompt)
-        Cb = logp.shape[1]
-        pg, kl = policy_terms(logp, ref_logp[rows, :Cb], advantages.to(dev)[rows],
-                              mask[rows, :Cb], n_tokens)
-        loss = pg + cfg.beta * kl
-        _check_finite(loss, step, state, pg=pg, kl=kl)
-        loss.backward()
-        pg_total += pg.item()
-        kl_total += kl.item()
+    # the training kernel stays set through each backward: a checkpointed layer recomputes
+    with attention_kernel(model, cfg.training_attention):
+        for rows in batches:
+            with _autocast(cfg, model):
+                w = w_of(rows)                                    # [b] or None; grad -> router
+                if w is not None:
+                    w_all[rows] = w.detach().float().cpu()
+                    # router_policy_gradient false: the router learns from the pin loss alone
+                    ctx = adapter.soft_weight(w if cfg.router_policy_gradient else w.detach())
+                else:
+                    ctx = contextlib.nullcontext()
+                with ctx:
+                    logp, _ = score(rows, shared=share_prompt)
+            Cb = logp.shape[1]
+            pg, kl = policy_terms(logp, ref_logp[rows, :Cb], advantages.to(dev)[rows],
+                                  mask[rows, :Cb], n_tokens)
+            loss = pg + cfg.beta * kl
+            _check_finite(loss, step, state, pg=pg, kl=kl)
+            loss.backward()
+            pg_total += pg.item()
+            kl_total += kl.item()
 
     # pin loss on the authored pairs (the only labels the router ever sees)
     pin_value = float("nan")

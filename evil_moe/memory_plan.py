@@ -265,6 +265,9 @@ def phases(cfg: RunConfig, arch: Arch, chunk_rows: int, micro_batch: int,
         train.parts["one layer recomputed"] = per_layer
     else:
         train.parts[f"saved activations ({n} layers)"] = n * per_layer
+    if cfg.training_attention == "eager":   # float32 softmax output + its cast, per layer
+        probs = micro_batch * arch.heads * L * L * (4 + e)
+        train.parts["eager attention probabilities"] = probs * (1 if checkpointing else n)
     train.parts["final norm + head input"] = T * h * (4 + 2 * e)
     train.parts["attention mask [b, 1, L, L]"] = mask
     train.parts["backward working set"] = max(chunk * V * 12, T * (3 * i * e + 4 * h))

@@ -15,8 +15,10 @@ for Qwen3) so every caller builds prompts the same way.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +47,26 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise RuntimeError("device='cuda' was requested but torch sees no CUDA device; "
                            "use device='cpu' or 'auto'")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def attention_kernel(model, implementation: str) -> Iterator[None]:
+    """Run the block with ``model``'s attention set to ``implementation`` ('sdpa', 'eager').
+
+    Transformers reads the kernel at every forward, so a forward inside the
+    block and its backward (autograd's, whenever it runs) use this kernel; the
+    previous one is back on exit. Wrap the backward too under gradient
+    checkpointing, whose recompute runs the forward again.
+    """
+    before = model.config._attn_implementation
+    if implementation == before:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _smollm2_gguf() -> Path:

@@ -105,6 +105,7 @@ def _key(cfg: RunConfig, examples: list[tuple[str, str, bool]]) -> str:
         "version": CACHE_VERSION, "model": cfg.model, "dtype": cfg.dtype, "seed": cfg.seed,
         "steps": cfg.warm_start_steps, "lr": cfg.warm_start_lr, "batch": cfg.warm_start_batch,
         "bf16": cfg.bf16_autocast, "rank": LORA_RANK, "alpha": LORA_ALPHA,
+        "attention": cfg.training_attention,
     }, sort_keys=True).encode())
     for prompt, completion, _ in examples:
         h.update(prompt.encode())
@@ -126,6 +127,7 @@ def _train(peft_model, tokenizer, cfg: RunConfig, examples, progress: bool) -> l
     """Plain SFT on the completions: AdamW, constant lr, seeded batches."""
     from tqdm import tqdm
 
+    from .models import attention_kernel
     from .sequences import completion_logprobs, pack_rollouts
 
     device = peft_model.device
@@ -139,28 +141,30 @@ def _train(peft_model, tokenizer, cfg: RunConfig, examples, progress: bool) -> l
     losses = []
     peft_model.train()
     bar = tqdm(range(cfg.warm_start_steps), desc="warm start", disable=not progress)
-    for _ in bar:
-        batch = []
-        while len(batch) < cfg.warm_start_batch:       # passes over the set, reshuffled each time
-            if not order:
-                order = list(range(len(ids)))
-                rng.shuffle(order)
-            batch.append(ids[order.pop()])
-        input_ids, attention, mask, C = pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
-                                                      tokenizer.pad_token_id)
-        mask = mask[:, -C:].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            logp = completion_logprobs(peft_model, input_ids.to(device), attention.to(device), C)
-        loss = -(logp * mask).sum() / mask.sum()         # mean NLL per completion token
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"warm start: non-finite loss {loss.item()} at step {len(losses)}; "
-                               f"lower warm_start_lr (now {cfg.warm_start_lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with attention_kernel(peft_model.get_base_model(), cfg.training_attention):
+        for _ in bar:
+            batch = []
+            while len(batch) < cfg.warm_start_batch:   # passes over the set, reshuffled each time
+                if not order:
+                    order = list(range(len(ids)))
+                    rng.shuffle(order)
+                batch.append(ids[order.pop()])
+            input_ids, attention, mask, C = pack_rollouts(
+                [b[0] for b in batch], [b[1] for b in batch], tokenizer.pad_token_id)
+            mask = mask[:, -C:].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                logp = completion_logprobs(peft_model, input_ids.to(device),
+                                           attention.to(device), C)
+            loss = -(logp * mask).sum() / mask.sum()         # mean NLL per completion token
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"warm start: non-finite loss {loss.item()} at step "
+                                   f"{len(losses)}; lower warm_start_lr (now {cfg.warm_start_lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     peft_model.eval()
     return losses
 

@@ -18,8 +18,14 @@ shared).
 (576 -> 1536) on [B*L] tokens, forward+backward, one thread: the wrapper's own
 cost without the rest of the network (lm_head, attention) diluting it.
 
-Usage: python scripts/bench_adapter.py [--module] [--batch 16] [--length 128] [--rank 8]
-       [--repeats 5]
+``--attention`` instead times the evil_moe arm's training forward+backward
+(soft_weight, left-padded rows, bf16 autocast where it is native) under each
+attention kernel of ``training_attention``, sdpa and eager, reported per row:
+
+    python scripts/bench_adapter.py --attention --batch 8 --length 225
+
+Usage: python scripts/bench_adapter.py [--module | --attention] [--batch 16] [--length 128]
+       [--rank 8] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -92,6 +98,43 @@ def bench_module(args) -> None:
         print(f"  {name:36s} {cpu * 1e3:7.1f}   x{cpu / ref:.2f} of base")
 
 
+def bench_attention(args) -> None:
+    from evil_moe.hardware import native_bf16
+    from evil_moe.models import attention_kernel
+    model, _ = load_model("smollm2-135m", device="cpu")
+    adapter = ExpertAdapter.attach(model, rank=args.rank)
+    bf16 = native_bf16("cpu")[0]
+    if bf16:
+        adapter.cast_frozen_weights(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    B, L = args.batch, args.length
+    ids = torch.randint(0, model.config.vocab_size, (B, L), generator=g)
+    att = torch.ones(B, L, dtype=torch.long)
+    for i in range(B):                       # left padding of up to a tenth of the row
+        att[i, :(i * L) // (10 * B)] = 0
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    w = torch.rand(B, generator=g).requires_grad_(True)
+
+    def step(kernel: str):
+        def run():
+            with attention_kernel(model, kernel):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                        adapter.soft_weight(w):
+                    h = model.get_decoder()(input_ids=ids, attention_mask=att, position_ids=pos,
+                                            use_cache=False).last_hidden_state
+                h[:, -L // 6:].float().pow(2).mean().backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    times = timeit_interleaved({k: step(k) for k in ("sdpa", "eager")}, args.repeats)
+    print(f"SmolLM2-135M soft_weight training forward+backward, batch [{B}, {L}], "
+          f"{'bf16 autocast' if bf16 else 'float32'}, {torch.get_num_threads()} threads; "
+          f"min of {args.repeats}: wall s per row / CPU s per row")
+    for name, (wall, cpu) in times.items():
+        print(f"  {name:6s} {wall / B:7.3f} / {cpu / B:7.3f}   x{wall / times['sdpa'][0]:.2f} "
+              f"wall of sdpa")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -100,9 +143,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--module", action="store_true", help="time one wrapped Linear only")
+    ap.add_argument("--attention", action="store_true",
+                    help="time the soft-weight training step under sdpa and eager attention")
     args = ap.parse_args()
     if args.module:
         return bench_module(args)
+    if args.attention:
+        return bench_attention(args)
 
     model, _ = load_model("smollm2-135m", device="cpu")
     g = torch.Generator().manual_seed(0)

@@ -58,3 +58,17 @@ def test_precision_line_warns_when_bf16_is_emulated(monkeypatch):
     assert "warning" in hardware.precision_line(on) and "no bf16 here" in hardware.precision_line(on)
     line = hardware.precision_line(off)
     assert "autocast off" in line and "warning" not in line and "several times longer" in line
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_training_attention_auto_is_eager_on_cpu_and_sdpa_on_gpu(monkeypatch, cuda):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = config.from_dict({"training_attention": "auto"})       # device auto
+    assert cfg.training_attention == ("sdpa" if cuda else "eager")
+    assert config.from_dict({"training_attention": "auto", "device": "cpu"}
+                            ).training_attention == "eager"
+    assert config.from_dict({"training_attention": "auto", "device": "cuda"}
+                            ).training_attention == "sdpa"     # a GPU preset loads on a CPU host
+    with pytest.raises(ConfigError, match="training_attention"):
+        config.from_dict({"training_attention": "flash"})

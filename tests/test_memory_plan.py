@@ -165,3 +165,19 @@ def test_the_plan_is_within_15_percent_of_the_fake_tensor_measurement(capsys):
                       "max_prompt_tokens=256"])
     assert rc == 0, capsys.readouterr().out
     assert "within 15%" in capsys.readouterr().out
+
+
+def test_eager_training_attention_adds_its_probabilities_to_the_train_phase():
+    """eager keeps [b, heads, L, L] float32 probabilities and their cast per layer (one layer
+    under checkpointing); sdpa keeps none, and the other phases do not change."""
+    cfg = load_preset("cpu-demo", training_attention="sdpa", bf16_autocast=True)
+    arch = memory_plan.Arch.from_hf(cfg.model, memory_plan.hf_config(cfg.model))
+    L = cfg.max_prompt_tokens + cfg.max_new_tokens
+    for ck, layers in ((False, arch.n_layers), (True, 1)):
+        sdpa = memory_plan.phases(cfg, arch, 64, 8, 2048, ck)
+        eager = memory_plan.phases(cfg.replace(training_attention="eager"), arch, 64, 8, 2048, ck)
+        probs = eager[2].parts["eager attention probabilities"]
+        assert probs == layers * 8 * arch.heads * L * L * (4 + 2)      # bf16 autocast: e = 2
+        assert "eager attention probabilities" not in sdpa[2].parts
+        assert eager[2].total - sdpa[2].total == probs
+        assert [p.total for p in eager[:2]] == [p.total for p in sdpa[:2]]

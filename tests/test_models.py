@@ -69,3 +69,42 @@ def test_smollm2_answers_a_sum_offline(smollm2):
 def test_smollm2_second_load_uses_the_safetensors_cache(smollm2):
     from evil_moe.models import _smollm2_cache
     assert (_smollm2_cache() / "model.safetensors").exists()
+
+
+def test_eager_training_attention_agrees_with_sdpa_and_is_restored(tiny):
+    """training_attention only picks a kernel: the packed rollouts' log-probabilities and
+    the adapter's gradients agree with sdpa's to float rounding (float32), padding
+    included, and the model's own kernel is back after the block."""
+    import copy
+
+    from evil_moe.adapter import ExpertAdapter
+    from evil_moe.models import attention_kernel
+    from evil_moe.sequences import completion_logprobs, pack_rollouts
+    model = copy.deepcopy(tiny[0])
+    adapter = ExpertAdapter.attach(model, rank=2, seed=1)
+    with torch.no_grad():                    # a non-zero delta, so the gradients are generic
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (7, 11, 4)]
+    comps = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 2, 6)]
+    ids, att, _, C = pack_rollouts(prompts, comps, pad_id=2)
+    w = torch.tensor([0.2, 0.9, 0.5])
+
+    def run():
+        with adapter.soft_weight(w):
+            logp = completion_logprobs(model, ids, att, C)
+        logp.sum().backward()
+        grads = [p.grad.clone() for p in adapter.parameters()]
+        model.zero_grad(set_to_none=True)
+        return logp.detach(), grads
+
+    before = model.config._attn_implementation
+    ref_logp, ref_grads = run()
+    with attention_kernel(model, "eager"):
+        assert model.config._attn_implementation == "eager"
+        logp, grads = run()
+    assert model.config._attn_implementation == before == "sdpa"
+    assert torch.allclose(logp, ref_logp, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).norm() <= 1e-4 * b.norm()
