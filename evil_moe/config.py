@@ -214,9 +214,9 @@ class RunConfig:
                                  "backward: 'sdpa' (the model's default; fused, little memory) "
                                  "or 'eager' (plain matmuls and softmax; keeps each layer's "
                                  "[b, heads, L, L] probabilities for the backward). On a CPU "
-                                 "eager measured 20% less time per rollout for forward plus "
-                                 "backward (SmolLM2-135M, ~225 tokens, bf16 autocast), because "
-                                 "torch's CPU flash-attention backward is slow. 'auto': eager "
+                                 "eager measured 7-12% less time for the training phase "
+                                 "(SmolLM2-135M, bf16 autocast), because torch's CPU "
+                                 "flash-attention backward is slow. 'auto': eager "
                                  "on CPU, sdpa on GPU, resolved when the config loads. The two "
                                  "agree to float rounding; sampling and no-grad passes keep "
                                  "sdpa.", choices=("sdpa", "eager"),
