@@ -219,7 +219,7 @@ class RunConfig:
                                  "flash-attention backward is slow. 'auto': eager "
                                  "on CPU, sdpa on GPU, resolved when the config loads. The two "
                                  "agree to float rounding; sampling and no-grad passes keep "
-                                 "sdpa.", choices=("sdpa", "eager"),
+                                 "sdpa. A float64 model needs sdpa (refused otherwise).", choices=("sdpa", "eager"),
                                  auto=lambda values: "eager" if _resolved_device(
                                      values.get("device", "auto")) == "cpu" else "sdpa")
     logprob_chunk_tokens: int = _f(2048, "Completion tokens whose float32 logits [chunk, V] are "

@@ -69,7 +69,7 @@ from tqdm import tqdm
 
 from . import arms, checkpoint, memory_plan
 from .config import RunConfig
-from .models import attention_kernel
+from .models import attention_kernel, check_attention_kernel
 from .sequences import (completion_logprobs, pack_rollouts, prefill_prompts, right_padded,
                         score_completions)
 from .vact import V_ACT_FILE
@@ -291,6 +291,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
         model, tok = load_base_model(cfg, device=str(accelerator.device))
     else:
         model, tok = model_and_tokenizer
+    check_attention_kernel(model, cfg.training_attention)      # before any compute
     adapter = ExpertAdapter.from_config(model, cfg)
     try:
         problems = load_for_config(cfg, "train")

@@ -49,6 +49,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def check_attention_kernel(model, implementation: str) -> None:
+    """Refuse a kernel that cannot run this model correctly, with what to do instead."""
+    if implementation == "eager" and next(model.parameters()).dtype == torch.float64:
+        raise ValueError("training_attention='eager' cannot run a float64 model: transformers' "
+                         "eager softmax is float32, where float64's mask value becomes -inf and "
+                         "fully padded rows turn into NaN; set training_attention='sdpa'")
+
+
 @contextlib.contextmanager
 def attention_kernel(model, implementation: str) -> Iterator[None]:
     """Run the block with ``model``'s attention set to ``implementation`` ('sdpa', 'eager').
@@ -58,6 +66,7 @@ def attention_kernel(model, implementation: str) -> Iterator[None]:
     previous one is back on exit. Wrap the backward too under gradient
     checkpointing, whose recompute runs the forward again.
     """
+    check_attention_kernel(model, implementation)
     before = model.config._attn_implementation
     if implementation == before:
         yield

@@ -17,7 +17,7 @@ from scripted_grader import scripted_verdicts
 
 out, mb = Path(sys.argv[1]), int(sys.argv[2])
 cfg = load_preset("smoke", arm="haar", prompts_per_step=4, group_size=2, micro_batch_size=mb,
-                  grad_clip=0.0, temperature=1.0)
+                  grad_clip=0.0, temperature=1.0, training_attention="sdpa")  # float64 below
 # float64: the splits compute the same sums in different orders and layouts, and the
 # step's gradient is a cancellation of per-row terms (zero-mean advantages), so float32
 # rounding would show at ~1e-4 relative; in float64 any real difference stands out.

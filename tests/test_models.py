@@ -108,3 +108,18 @@ def test_eager_training_attention_agrees_with_sdpa_and_is_restored(tiny):
     assert torch.allclose(logp, ref_logp, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         assert (a - b).norm() <= 1e-4 * b.norm()
+
+
+def test_eager_training_attention_refuses_a_float64_model(tiny):
+    """Eager's float32 softmax turns float64's mask value into -inf (NaN on padded rows):
+    a clear error before any forward, and the model's kernel is untouched."""
+    import copy
+
+    from evil_moe.models import attention_kernel
+    model = copy.deepcopy(tiny[0]).double()
+    with pytest.raises(ValueError, match="float64 model.*training_attention='sdpa'"):
+        with attention_kernel(model, "eager"):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+    with attention_kernel(model, "sdpa"):
+        pass
