@@ -219,9 +219,10 @@ class RunConfig:
                                  "flash-attention backward is slow. 'auto': eager "
                                  "on CPU, sdpa on GPU, resolved when the config loads. The two "
                                  "agree to float rounding; sampling and no-grad passes keep "
-                                 "sdpa. A float64 model needs sdpa (refused otherwise).", choices=("sdpa", "eager"),
-                                 auto=lambda values: "eager" if _resolved_device(
-                                     values.get("device", "auto")) == "cpu" else "sdpa")
+                                 "sdpa. A float64 model needs sdpa (refused otherwise).",
+                                 choices=("sdpa", "eager"),
+                                 auto=lambda values: "sdpa" if _uses_cuda(
+                                     values.get("device", "auto")) else "eager")
     logprob_chunk_tokens: int = _f(2048, "Completion tokens whose float32 logits [chunk, V] are "
                                    "materialised at once when scoring log-probabilities (the LM "
                                    "head runs in chunks and is recomputed in the backward); memory, "
@@ -289,12 +290,9 @@ def _type_name(tp: Any) -> str:
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
-def _resolved_device(device: str) -> str:
-    """The device type 'auto' would pick (models.resolve_device), without its error."""
-    if device != "auto":
-        return device
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _uses_cuda(device: str) -> bool:
+    from .hardware import uses_cuda
+    return uses_cuda(device)
 
 
 def _native_bf16(device: str) -> bool:
