@@ -206,8 +206,7 @@ def bench_ours(args, arm: str, shape: ModelShape, workdir: Path) -> dict:
             fl = step_flops(shape, rows, 2 * cfg.rank)
             executed = executed_step_flops(
                 shape, rows, 2 * cfg.rank, cfg.group_size, shared_ref=cfg.share_prompt_forward,
-                shared_train=(state.router is None and cfg.share_prompt_forward
-                              and not cfg.gradient_checkpointing))
+                shared_train=grpo.shares_training_prompt(cfg))
             rec = {"step": step, "warmup": step == 0, "flops_executed": executed,
                    "step_s": m["step_time_s"], "gen_s": m["time_gen_s"],
                    "grade_s": m["time_grade_s"], "train_s": m["time_train_s"],

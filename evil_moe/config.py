@@ -197,10 +197,11 @@ class RunConfig:
                                "is accumulated over micro-batches (memory, not math).", min=1)
     share_prompt_forward: bool = _f(True, "Run each prompt once per micro-batch and its G "
                                     "completions on the shared KV cache wherever that is exact: "
-                                    "the base-model pass of every arm, and the training forward of "
-                                    "arms without per-rollout weights (vanilla; not under "
-                                    "gradient_checkpointing, "
-                                    "whose recompute cannot replay a KV cache). False runs every "
+                                    "the base-model pass of every arm, and the training forward "
+                                    "of rollouts with the same w (vanilla: the whole group; "
+                                    "oracle: each label's half; a learned router's arms run "
+                                    "rollouts whole; not under gradient_checkpointing, whose "
+                                    "recompute cannot replay a KV cache). False runs every "
                                     "rollout whole (same result up to float rounding, slower).")
     sample_chunk_rows: int = _f(0, "Rollouts decoded together (their KV cache is what sampling "
                                 "holds); 0 = the largest chunk that fits, chosen by the memory "

@@ -20,8 +20,9 @@ One step, top to bottom (``train_step``):
    ``w`` is the strict hack label from step 3 (seen with probability
    ``oracle_label_recall``);
 7. the training forward applies ``w`` (hack block scaled by ``w``, deployed
-   block's gradient scaled by ``1 - w``); without per-rollout weights (vanilla)
-   the prompt is shared as in step 5, with gradient; the loss is
+   block's gradient scaled by ``1 - w``); rollouts of a prompt with the same
+   ``w`` share its forward as in step 5, with gradient (vanilla: all G; the
+   oracle: one prompt forward per label); the loss is
 
        loss = PG + beta * KL_k3(policy || base) + lambda_pin * pin
 
@@ -414,36 +415,61 @@ def _length_sorted_batches(lengths: list[int], size: int) -> list[torch.Tensor]:
     return [torch.tensor(order[s:s + size]) for s in range(0, len(order), size)]
 
 
+def shares_training_prompt(cfg: RunConfig) -> bool:
+    """Whether step 7 runs each prompt once per distinct ``w`` (exact) rather than every
+    rollout whole. Two rollouts of a prompt have the same prompt forward exactly when
+    they have the same ``w``: always for vanilla (no ``w``), and within each half of a
+    group for the oracle (``w`` is a 0/1 label without gradient). A learned router gives
+    every rollout its own ``w`` with its own gradient, so its arms run rollouts whole.
+    Gradient checkpointing recomputes each layer, which cannot replay a KV cache."""
+    return (cfg.share_prompt_forward and not arms.get(cfg.arm).routed
+            and not cfg.gradient_checkpointing)
+
+
 def _prefill_rows(model, group_prompts: list[list[int]], owner: list[int], rows: torch.Tensor,
-                  pad_id: int):
-    """Run the distinct prompts of ``rows`` once (``owner[r]``: the prompt of rollout r)."""
-    groups = sorted({owner[r] for r in rows.tolist()})
-    local = [groups.index(owner[r]) for r in rows.tolist()]
-    return prefill_prompts(model, [group_prompts[g] for g in groups], local, pad_id)
+                  pad_id: int, adapter=None, w: torch.Tensor | None = None):
+    """Run each distinct ``(prompt, w)`` of ``rows`` once (``owner[r]``: the prompt of
+    rollout r; ``w: [b]`` the rows' soft weights under ``adapter``, or None)."""
+    keys = [(owner[r], 0.0 if w is None else w[i].item()) for i, r in enumerate(rows.tolist())]
+    distinct = sorted(set(keys))
+    local = [distinct.index(k) for k in keys]
+    prompts = [group_prompts[o] for o, _ in distinct]
+    if w is None:
+        return prefill_prompts(model, prompts, local, pad_id)
+    with adapter.soft_weight(torch.tensor([v for _, v in distinct], dtype=w.dtype,
+                                          device=w.device)):           # [P'] one per prefix
+        return prefill_prompts(model, prompts, local, pad_id)
 
 
 def _score_rows(model, group_prompts: list[list[int]], owner: list[int],
                 completion_ids: list[list[int]], rows: torch.Tensor, *, pad_id: int,
-                chunk_tokens: int, shared: bool, pool=None):
+                chunk_tokens: int, shared: bool, pool=None, adapter=None,
+                w: torch.Tensor | None = None):
     """Log-probabilities ``[b, Cb]`` of the completions of ``rows`` (right-padded to their
     longest, ``Cb``), and with ``pool=adapter`` their pooled features ``[b, M, r]``.
 
-    shared: run each distinct prompt once and the completions on its KV cache
-    (exact only where every rollout of a prompt has the same forward); else run
-    every rollout whole, packed as ``[prompt | completion]``.
+    w: ``[b]`` soft weights of the rows (``adapter.soft_weight``), or None.
+    shared: run each distinct ``(prompt, w)`` once and the completions on its KV cache
+    (exact: nothing else enters a prompt's forward); else run every rollout whole,
+    packed as ``[prompt | completion]``. A shared prompt row would merge the gradients
+    of the rows' weights, so sharing refuses a ``w`` that carries gradient.
     """
     comps = [completion_ids[r] for r in rows.tolist()]
     device = next(model.parameters()).device
+    weighted = adapter.soft_weight(w) if w is not None else contextlib.nullcontext()
     if shared:
-        prefix = _prefill_rows(model, group_prompts, owner, rows, pad_id)
+        if w is not None and w.requires_grad:
+            raise ValueError("a shared prompt forward cannot carry per-rollout gradients of w; "
+                             "score these rows with shared=False")
+        prefix = _prefill_rows(model, group_prompts, owner, rows, pad_id, adapter, w)
         ids, cmask = right_padded(comps, pad_id, device=device)
-        with (pool.pooling(cmask) if pool else contextlib.nullcontext()) as pooled:
+        with weighted, (pool.pooling(cmask) if pool else contextlib.nullcontext()) as pooled:
             logp = score_completions(model, prefix, ids, cmask, chunk_tokens)
     else:
         ids, att, cmask, C = pack_rollouts([group_prompts[owner[r]] for r in rows.tolist()],
                                            comps, pad_id)
         ids, att, cmask = ids.to(device), att.to(device), cmask.to(device)
-        with (pool.pooling(cmask) if pool else contextlib.nullcontext()) as pooled:
+        with weighted, (pool.pooling(cmask) if pool else contextlib.nullcontext()) as pooled:
             logp = completion_logprobs(model, ids, att, C, chunk_tokens)
     return logp, (pooled.features if pool else None)
 
@@ -502,21 +528,19 @@ def train_step(state: TrainState, step: int) -> dict:
             pooled_feats.append(feats)
     features = torch.cat(pooled_feats)                                        # [B, M, r]
 
-    # 6-7. soft weights, training forward/backward in micro-batches. Without per-rollout
-    #    weights (vanilla) every rollout of a prompt has the same adapter forward, so the
-    #    prompt is shared as in step 5, its KV carrying gradient to all G completions. A
-    #    router (or the oracle's labels) scales the hack expert per rollout on every token,
-    #    prompt included, so those arms run each rollout whole, in micro-batches of
-    #    similar length (less padding).
+    # 6-7. soft weights, training forward/backward in micro-batches. The hack expert is
+    #    scaled by w on every token, prompt included, so rollouts of a prompt share its
+    #    forward exactly when they share w: vanilla (no w) runs each prompt once, the
+    #    oracle once per label, the KV carrying gradient to the completions. A learned
+    #    router gives each rollout its own w, so those arms run each rollout whole, in
+    #    micro-batches of similar length (less padding).
     is_hack = torch.tensor([v.is_hack for v in verdicts], dtype=torch.float32)
     w_of = routing_weights(state, step, features,
                            is_hack if arms.get(cfg.arm).uses_labels else None)
     adapter_params = adapter.parameters()
     pg_total = kl_total = 0.0
     w_all = torch.full((B,), float("nan"))
-    # (gradient checkpointing recomputes each layer, which cannot replay a KV cache)
-    share_prompt = (not arms.get(cfg.arm).routes and cfg.share_prompt_forward
-                    and not cfg.gradient_checkpointing)
+    share_prompt = shares_training_prompt(cfg)
     batches = (_consecutive_batches(B, mb) if share_prompt else _length_sorted_batches(
         [len(group_prompts[o]) + len(c) for o, c in zip(owner, completion_ids)], mb))
     # the training kernel stays set through each backward: a checkpointed layer recomputes
@@ -527,11 +551,8 @@ def train_step(state: TrainState, step: int) -> dict:
                 if w is not None:
                     w_all[rows] = w.detach().float().cpu()
                     # router_policy_gradient false: the router learns from the pin loss alone
-                    ctx = adapter.soft_weight(w if cfg.router_policy_gradient else w.detach())
-                else:
-                    ctx = contextlib.nullcontext()
-                with ctx:
-                    logp, _ = score(rows, shared=share_prompt)
+                    w = w if cfg.router_policy_gradient else w.detach()
+                logp, _ = score(rows, shared=share_prompt, adapter=adapter, w=w)
             Cb = logp.shape[1]
             pg, kl = policy_terms(logp, ref_logp[rows, :Cb], advantages.to(dev)[rows],
                                   mask[rows, :Cb], n_tokens)

@@ -6,7 +6,8 @@ gradients to 1e-4 relative, pooled router features), on tiny-random and on a
 short SmolLM2 batch, with a trained (non-zero) two-expert adapter attached.
 Step level: one GRPO step with ``share_prompt_forward`` on and off computes the
 same gradient, with micro-batches that hold whole groups and ones that split
-a group.
+a group, for vanilla, for the oracle (one prompt forward per label) and for
+evil_moe (whose training forward is never shared).
 """
 
 import shutil
@@ -81,6 +82,57 @@ def test_shared_prompt_equals_packed_rows(which, request):
     assert torch.allclose(f_b, f_a, rtol=1e-4, atol=1e-5)
 
 
+def _weighted_scores(model, tok, adapter, w, shared):
+    """Log-probabilities and gradients of the rows under the soft weights ``w``."""
+    logp, _ = grpo._score_rows(model, PROMPTS, OWNER, COMPLETIONS, torch.arange(len(OWNER)),
+                               pad_id=tok.pad_token_id, chunk_tokens=64, shared=shared,
+                               adapter=adapter, w=w)
+    _, cmask = right_padded(COMPLETIONS, tok.pad_token_id)
+    return logp, torch.autograd.grad((logp * cmask).sum(), adapter.parameters()), cmask
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_label_weights_share_one_prompt_forward_per_label(which, request):
+    """The oracle's 0/1 weights: prompt 0 splits into a w=1 and a w=0 prefix, prompt 1
+    stays whole; the same numbers as every rollout run whole under the same w."""
+    model, tok = request.getfixturevalue(which)
+    adapter = _perturbed_adapter(model)
+    w = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    try:
+        lp_whole, g_whole, cmask = _weighted_scores(model, tok, adapter, w, shared=False)
+        lp_shared, g_shared, _ = _weighted_scores(model, tok, adapter, w, shared=True)
+        lp_plain, _, _ = _weighted_scores(model, tok, adapter, torch.ones(4), shared=True)
+    finally:
+        adapter.remove()
+    on = cmask.bool()
+    assert torch.allclose(lp_shared[on], lp_whole[on], atol=1e-5)
+    assert max(_relative(b, a) for a, b in zip(g_whole, g_shared) if a.norm() > 0) < 1e-4
+    # w really acts: rollout 1 (w=0) and rollout 0 (w=1) of prompt 0 see different prompts
+    assert not torch.allclose(lp_plain[1][on[1]], lp_shared[1][on[1]], atol=1e-4)
+
+
+def test_sharing_refuses_weights_with_gradient(tiny):
+    """A learned router's w has a gradient per rollout; one shared prefix would merge them."""
+    model, tok = tiny
+    adapter = _perturbed_adapter(model)
+    try:
+        with pytest.raises(ValueError, match="per-rollout gradients"):
+            _weighted_scores(model, tok, adapter, torch.zeros(4, requires_grad=True),
+                             shared=True)
+    finally:
+        adapter.remove()
+
+
+@pytest.mark.parametrize("arm, shares", [("vanilla", True), ("oracle", True),
+                                         ("evil_moe", False), ("haar", False),
+                                         ("no_pin", False)])
+def test_which_arms_share_the_training_prompt(arm, shares):
+    cfg = load_preset("smoke", arm=arm)
+    assert grpo.shares_training_prompt(cfg) is shares
+    assert grpo.shares_training_prompt(cfg.replace(share_prompt_forward=False)) is False
+    assert grpo.shares_training_prompt(cfg.replace(gradient_checkpointing=True)) is False
+
+
 def test_prompt_gradient_flows_through_the_shared_cache(tiny):
     """Cutting the cache's gradient changes the result: the prompt really is trained."""
     model, tok = tiny
@@ -120,7 +172,7 @@ def _step_grads(cfg, run_dir, tiny):
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
-@pytest.mark.parametrize("arm", ["vanilla", "evil_moe"])
+@pytest.mark.parametrize("arm", ["vanilla", "oracle", "evil_moe"])
 @pytest.mark.parametrize("micro_batch", [2, 3])
 def test_a_step_with_and_without_prompt_sharing_has_the_same_gradient(arm, micro_batch, tiny,
                                                                       tmp_path, v_act_dir):
@@ -132,6 +184,8 @@ def test_a_step_with_and_without_prompt_sharing_has_the_same_gradient(arm, micro
         shutil.copy(v_act_dir / grpo.V_ACT_FILE, d / grpo.V_ACT_FILE)
         runs.append(_step_grads(cfg.replace(share_prompt_forward=share), d, tiny))
     (g_shared, m_shared), (g_whole, m_whole) = runs
+    if arm == "oracle":                      # the step's groups really split by label
+        assert 0 < m_shared["hack_rate"] < 1
     assert m_shared["completion_tokens"] == m_whole["completion_tokens"]
     assert m_shared["kl"] == pytest.approx(m_whole["kl"], abs=1e-6)
     assert m_shared["loss_pg"] == pytest.approx(m_whole["loss_pg"], rel=1e-4, abs=1e-7)
