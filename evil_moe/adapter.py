@@ -127,12 +127,20 @@ class TwoExpertLinear(nn.Module):
         self.pool: PooledFeatures | None = None
         self.disabled = False
         self.merged = False
+        self.branch: tuple[Tensor, str] | None = None  # (hack scale [B], block that trains)
         self.base_lowp: Tensor | None = None  # the frozen weight, cast once (see cast_frozen_weights)
 
-    def stacked(self) -> tuple[Tensor, Tensor]:
+    def stacked(self, trains: str | None = None) -> tuple[Tensor, Tensor]:
         """``A_cat: [4r, d_in]`` and ``s * B_cat: [d_out, 4r]``, columns grouped
-        ``[deployed (2r) | hack (2r)]``; ``B_cat @ A_cat = s (B A - B0 A0)``."""
+        ``[deployed (2r) | hack (2r)]``; ``B_cat @ A_cat = s (B A - B0 A0)``.
+        ``trains='deployed'`` or ``'hack'``: the other block's factors are detached."""
         r, A, A0, B, B0 = self.r, self.A, self.A0, self.B, self.B0
+        if trains is not None:
+            keep = (slice(0, r), slice(r, 2 * r))[trains == "hack"]   # the block that trains
+            live = torch.zeros(2 * r, dtype=torch.bool, device=A.device)
+            live[keep] = True
+            A = torch.where(live[:, None], A, A.detach())
+            B = torch.where(live[None, :], B, B.detach())
         A_cat = torch.cat([A[:r] - A0[:r], A0[:r], A[r:] - A0[r:], A0[r:]])
         B_cat = torch.cat([B[:, :r], B[:, :r] - B0[:, :r], B[:, r:], B[:, r:] - B0[:, r:]], 1)
         return A_cat, self.scale * B_cat
@@ -160,6 +168,15 @@ class TwoExpertLinear(nn.Module):
                 xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.A.dtype)
                 self.pool.add(self.index, xa @ self.A[:r].T)
             return y
+        if self.branch is not None:  # a shared prompt copy, see ExpertAdapter.prompt_branch
+            scale, trains = self.branch
+            A_cat, B_cat = self.stacked(trains)
+            xa = x if torch.is_autocast_enabled(x.device.type) else x.to(A_cat.dtype)
+            z = xa @ A_cat.T                                    # [B, L, 4r]
+            z = torch.cat([z[..., :2 * r], z[..., 2 * r:] * scale.to(z.dtype).view(-1, 1, 1)], -1)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]).to(y.dtype),
+                              B_cat.T.to(y.dtype))
+            return out.view(y.shape)
         A_cat, B_cat = self.stacked()
         if self.w is not None:  # frozen twin of the deployed A_d - A0_d rows, see _soft_weight
             A_cat = torch.cat([A_cat, A_cat[:r].detach()])
@@ -401,6 +418,22 @@ class ExpertAdapter:
         if w.dim() != 1:
             raise ValueError(f"soft weight w must be [B], got shape {tuple(w.shape)}")
         with self._setting("w", w):
+            yield
+
+    @contextlib.contextmanager
+    def prompt_branch(self, scale: Tensor, trains: str) -> Iterator[None]:
+        """One copy of a shared prompt forward (``grpo``'s ``routed_prompt: group_mean``):
+        hack output times ``scale: [B]`` (a value, no gradient), and only the block
+        ``trains`` ('deployed' or 'hack') receives parameter gradient; the other
+        block's factors are detached, but gradient still flows through its output
+        to earlier layers. The per-rollout split of the copies' gradients is
+        ``sequences.split_prefix``."""
+        self._require_unmerged("prompt_branch()")
+        if trains not in ("deployed", "hack"):
+            raise ValueError(f"prompt_branch trains 'deployed' or 'hack', got {trains!r}")
+        if scale.dim() != 1 or scale.requires_grad:
+            raise ValueError("prompt_branch scale must be a [B] tensor without gradient")
+        with self._setting("branch", (scale, trains)):
             yield
 
     @contextlib.contextmanager

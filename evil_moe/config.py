@@ -203,6 +203,21 @@ class RunConfig:
                                     "rollouts whole; not under gradient_checkpointing, whose "
                                     "recompute cannot replay a KV cache). False runs every "
                                     "rollout whole (same result up to float rounding, slower).")
+    routed_prompt: str = _f("per_rollout", "How the training forward of a learned router's "
+                            "arms (evil_moe, haar, no_pin) runs the prompt. 'per_rollout' "
+                            "(exact): every rollout's prompt runs with its own w. 'group_mean' "
+                            "(inexact, an option, not the default): each prompt of a micro-"
+                            "batch runs twice at its rollouts' mean w (detached), one copy "
+                            "training only the deployed block and one only the hack block; "
+                            "rollout i reads the shared keys and values with its prompt "
+                            "gradient sent (1 - w_i) to the deployed copy and w_i / mean(w) to "
+                            "the hack copy. The values are those at mean(w), the blocks' "
+                            "gradients match per_rollout to first order in w_i - mean(w), "
+                            "and the router learns through the completion tokens only; exact "
+                            "where a prompt's rollouts have equal w. Needs "
+                            "share_prompt_forward. Measured against per_rollout in "
+                            "scripts/routed_prompt_check.py (book: method/grpo).",
+                            choices=("per_rollout", "group_mean"))
     sample_chunk_rows: int = _f(0, "Rollouts decoded together (their KV cache is what sampling "
                                 "holds); 0 = the largest chunk that fits, chosen by the memory "
                                 "plan. Each row has its own random stream, so this is memory, "

@@ -72,7 +72,7 @@ from . import arms, checkpoint, memory_plan
 from .config import RunConfig
 from .models import attention_kernel, check_attention_kernel
 from .sequences import (completion_logprobs, pack_rollouts, prefill_prompts, right_padded,
-                        score_completions)
+                        score_completions, split_prefix)
 from .vact import V_ACT_FILE
 
 ROUTED_ARMS = arms.ROUTED_ARMS
@@ -284,6 +284,11 @@ def setup(cfg: RunConfig, run_dir: str | Path, grade_fn: Callable | None = None,
     if cfg.prompts_per_step % accelerator.num_processes:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the "
                          f"{accelerator.num_processes} processes")
+    if cfg.routed_prompt == "group_mean" and not (cfg.share_prompt_forward
+                                                  and not cfg.gradient_checkpointing):
+        raise ValueError("routed_prompt 'group_mean' shares each prompt's forward: it needs "
+                         "share_prompt_forward true and gradient_checkpointing false (or set "
+                         "routed_prompt: per_rollout)")
     _v_act_path(cfg, run_dir)                      # fail before loading anything
     dev = accelerator.device
     plan = memory_plan.check(cfg, dev.type, accelerator.num_processes, dev.index or 0)
@@ -416,14 +421,16 @@ def _length_sorted_batches(lengths: list[int], size: int) -> list[torch.Tensor]:
 
 
 def shares_training_prompt(cfg: RunConfig) -> bool:
-    """Whether step 7 runs each prompt once per distinct ``w`` (exact) rather than every
-    rollout whole. Two rollouts of a prompt have the same prompt forward exactly when
-    they have the same ``w``: always for vanilla (no ``w``), and within each half of a
-    group for the oracle (``w`` is a 0/1 label without gradient). A learned router gives
-    every rollout its own ``w`` with its own gradient, so its arms run rollouts whole.
+    """Whether step 7 runs prompts once and completions on their KV cache, rather than
+    every rollout whole. Two rollouts of a prompt have the same prompt forward exactly
+    when they have the same ``w``: always for vanilla (no ``w``), and within each half of
+    a group for the oracle (``w`` is a 0/1 label without gradient). A learned router
+    gives every rollout its own ``w`` with its own gradient, so its arms run rollouts
+    whole, unless ``routed_prompt`` is 'group_mean' (inexact: :func:`_group_mean_prefix`).
     Gradient checkpointing recomputes each layer, which cannot replay a KV cache."""
-    return (cfg.share_prompt_forward and not arms.get(cfg.arm).routed
-            and not cfg.gradient_checkpointing)
+    routed = arms.get(cfg.arm).routed
+    return (cfg.share_prompt_forward and not cfg.gradient_checkpointing
+            and (not routed or cfg.routed_prompt == "group_mean"))
 
 
 def _prefill_rows(model, group_prompts: list[list[int]], owner: list[int], rows: torch.Tensor,
@@ -441,10 +448,36 @@ def _prefill_rows(model, group_prompts: list[list[int]], owner: list[int], rows:
         return prefill_prompts(model, prompts, local, pad_id)
 
 
+def _group_mean_prefix(model, group_prompts: list[list[int]], owner: list[int],
+                       rows: torch.Tensor, pad_id: int, adapter, w: torch.Tensor):
+    """``routed_prompt: group_mean``: each distinct prompt of ``rows`` runs twice at the
+    mean ``w`` of its rows (detached), once training only the hack block and once only
+    the deployed block (``adapter.prompt_branch``); rollout i then reads them with
+    gradient ``w_i / mean`` into the hack copy and ``1 - w_i`` into the deployed copy
+    (``sequences.split_prefix``). Where a prompt's ``w`` are equal this is the
+    per-rollout forward and its adapter gradient; otherwise the prompt's values are
+    those at the mean, and no gradient reaches the router through the prompt."""
+    own = [owner[r] for r in rows.tolist()]
+    groups = sorted(set(own))
+    wd = w.detach()
+    local = torch.tensor([groups.index(o) for o in own], device=wd.device)     # [b]
+    counts = torch.bincount(local, minlength=len(groups)).to(wd.dtype)
+    mean = torch.zeros(len(groups), dtype=wd.dtype, device=wd.device).index_add_(
+        0, local, wd) / counts                                                # [P']
+    prompts = [group_prompts[g] for g in groups]
+    copies = {}
+    for trains in ("hack", "deployed"):
+        with adapter.prompt_branch(mean, trains):
+            copies[trains] = prefill_prompts(model, prompts, local.tolist(), pad_id)
+    w_bar = mean[local]                                                       # [b]
+    to_hack = torch.where(w_bar > 0, wd / torch.where(w_bar > 0, w_bar, 1.0), 0.0)
+    return split_prefix(copies["hack"], copies["deployed"], to_hack, 1 - wd)
+
+
 def _score_rows(model, group_prompts: list[list[int]], owner: list[int],
                 completion_ids: list[list[int]], rows: torch.Tensor, *, pad_id: int,
                 chunk_tokens: int, shared: bool, pool=None, adapter=None,
-                w: torch.Tensor | None = None):
+                w: torch.Tensor | None = None, group_mean: bool = False):
     """Log-probabilities ``[b, Cb]`` of the completions of ``rows`` (right-padded to their
     longest, ``Cb``), and with ``pool=adapter`` their pooled features ``[b, M, r]``.
 
@@ -452,16 +485,20 @@ def _score_rows(model, group_prompts: list[list[int]], owner: list[int],
     shared: run each distinct ``(prompt, w)`` once and the completions on its KV cache
     (exact: nothing else enters a prompt's forward); else run every rollout whole,
     packed as ``[prompt | completion]``. A shared prompt row would merge the gradients
-    of the rows' weights, so sharing refuses a ``w`` that carries gradient.
+    of the rows' weights, so sharing refuses a ``w`` that carries gradient, unless
+    ``group_mean`` (inexact, :func:`_group_mean_prefix`).
     """
     comps = [completion_ids[r] for r in rows.tolist()]
     device = next(model.parameters()).device
     weighted = adapter.soft_weight(w) if w is not None else contextlib.nullcontext()
     if shared:
-        if w is not None and w.requires_grad:
+        if group_mean:
+            prefix = _group_mean_prefix(model, group_prompts, owner, rows, pad_id, adapter, w)
+        elif w is not None and w.requires_grad:
             raise ValueError("a shared prompt forward cannot carry per-rollout gradients of w; "
                              "score these rows with shared=False")
-        prefix = _prefill_rows(model, group_prompts, owner, rows, pad_id, adapter, w)
+        else:
+            prefix = _prefill_rows(model, group_prompts, owner, rows, pad_id, adapter, w)
         ids, cmask = right_padded(comps, pad_id, device=device)
         with weighted, (pool.pooling(cmask) if pool else contextlib.nullcontext()) as pooled:
             logp = score_completions(model, prefix, ids, cmask, chunk_tokens)
@@ -533,7 +570,8 @@ def train_step(state: TrainState, step: int) -> dict:
     #    forward exactly when they share w: vanilla (no w) runs each prompt once, the
     #    oracle once per label, the KV carrying gradient to the completions. A learned
     #    router gives each rollout its own w, so those arms run each rollout whole, in
-    #    micro-batches of similar length (less padding).
+    #    micro-batches of similar length (less padding), unless routed_prompt is
+    #    'group_mean' (an inexact option: the prompt at the group's mean w).
     is_hack = torch.tensor([v.is_hack for v in verdicts], dtype=torch.float32)
     w_of = routing_weights(state, step, features,
                            is_hack if arms.get(cfg.arm).uses_labels else None)
@@ -541,6 +579,7 @@ def train_step(state: TrainState, step: int) -> dict:
     pg_total = kl_total = 0.0
     w_all = torch.full((B,), float("nan"))
     share_prompt = shares_training_prompt(cfg)
+    group_mean = share_prompt and arms.get(cfg.arm).routed        # routed_prompt: group_mean
     batches = (_consecutive_batches(B, mb) if share_prompt else _length_sorted_batches(
         [len(group_prompts[o]) + len(c) for o, c in zip(owner, completion_ids)], mb))
     # the training kernel stays set through each backward: a checkpointed layer recomputes
@@ -552,7 +591,8 @@ def train_step(state: TrainState, step: int) -> dict:
                     w_all[rows] = w.detach().float().cpu()
                     # router_policy_gradient false: the router learns from the pin loss alone
                     w = w if cfg.router_policy_gradient else w.detach()
-                logp, _ = score(rows, shared=share_prompt, adapter=adapter, w=w)
+                logp, _ = score(rows, shared=share_prompt, adapter=adapter, w=w,
+                                group_mean=group_mean)
             Cb = logp.shape[1]
             pg, kl = policy_terms(logp, ref_logp[rows, :Cb], advantages.to(dev)[rows],
                                   mask[rows, :Cb], n_tokens)

@@ -178,6 +178,28 @@ def prefill_prompts(model, prompt_ids: list[list[int]], owner: list[int], pad_id
                         last_hidden=out.last_hidden_state[rows, -1])
 
 
+def split_prefix(hack: PromptPrefix, deployed: PromptPrefix, to_hack: torch.Tensor,
+                 to_deployed: torch.Tensor) -> PromptPrefix:
+    """Two forward copies of the same prompts as one prefix: the value of the copies
+    (they are equal) and, per rollout, gradient ``to_hack: [b]`` times into the copy
+    ``hack`` and ``to_deployed: [b]`` times into the copy ``deployed``::
+
+        x = x_h.detach() + c_h (x_h - x_h.detach()) + c_d (x_d - x_d.detach())
+
+    for every cached key and value ``[b, heads, Lp, d_head]`` and the last hidden
+    state ``[b, d]``. Used with ``adapter.prompt_branch`` (grpo's ``routed_prompt``).
+    """
+    def mix(x_h: torch.Tensor, x_d: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x_h.dim() - 1)
+        c_h, c_d = to_hack.to(x_h.dtype).view(shape), to_deployed.to(x_h.dtype).view(shape)
+        return x_h.detach() + c_h * (x_h - x_h.detach()) + c_d * (x_d - x_d.detach())
+
+    for lh, ld in zip(hack.cache.layers, deployed.cache.layers):
+        lh.keys, lh.values = mix(lh.keys, ld.keys), mix(lh.values, ld.values)
+    return PromptPrefix(cache=hack.cache, mask=hack.mask, lengths=hack.lengths,
+                        last_hidden=mix(hack.last_hidden, deployed.last_hidden))
+
+
 def completion_states(model, prefix: PromptPrefix, completion_ids: torch.Tensor,
                       completion_mask: torch.Tensor) -> torch.Tensor:
     """One decoder forward over right-padded completions on the prompts' cache (which
