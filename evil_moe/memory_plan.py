@@ -488,7 +488,8 @@ def executed_step_flops(shape: ModelShape, rows: list[tuple[int, int]], rank_tot
     each prompt once (``rollout.sample``); with ``shared_ref`` the reference pass
     runs each prompt once and its completions on the cache, and with
     ``shared_train`` (vanilla) the training forward, backward and adapter do too
-    (the oracle's second prefix per group, for its other label, is not counted).
+    (the oracle's second prefix per group, for its other label, and the second copy
+    of ``routed_prompt: group_mean`` are not counted).
     A completion token at position t still attends over all t keys.
     """
     N, H, att = shape.n_linear, shape.lm_head, 4 * shape.n_layers * shape.d_att
