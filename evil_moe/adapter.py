@@ -108,8 +108,9 @@ class TwoExpertLinear(nn.Module):
     """A frozen ``nn.Linear`` plus the two-expert delta. See the module docstring.
 
     Modes are plain attributes set by :class:`ExpertAdapter`'s context managers:
-    ``w`` (per-row soft weight ``[B]`` or None), ``pool`` (a :class:`PooledFeatures`
-    or None), ``disabled`` and ``merged`` (skip the adapter math).
+    ``w`` (per-row soft weight ``[B]`` or None), ``branch`` (a shared prompt copy:
+    hack scale ``[B]`` and the block that trains, or None), ``pool`` (a
+    :class:`PooledFeatures` or None), ``disabled`` and ``merged`` (skip the adapter math).
     """
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, index: int, A: Tensor, B: Tensor):
@@ -135,12 +136,10 @@ class TwoExpertLinear(nn.Module):
         ``[deployed (2r) | hack (2r)]``; ``B_cat @ A_cat = s (B A - B0 A0)``.
         ``trains='deployed'`` or ``'hack'``: the other block's factors are detached."""
         r, A, A0, B, B0 = self.r, self.A, self.A0, self.B, self.B0
-        if trains is not None:
-            keep = (slice(0, r), slice(r, 2 * r))[trains == "hack"]   # the block that trains
-            live = torch.zeros(2 * r, dtype=torch.bool, device=A.device)
-            live[keep] = True
-            A = torch.where(live[:, None], A, A.detach())
-            B = torch.where(live[None, :], B, B.detach())
+        if trains == "hack":
+            A, B = torch.cat([A[:r].detach(), A[r:]]), torch.cat([B[:, :r].detach(), B[:, r:]], 1)
+        elif trains == "deployed":
+            A, B = torch.cat([A[:r], A[r:].detach()]), torch.cat([B[:, :r], B[:, r:].detach()], 1)
         A_cat = torch.cat([A[:r] - A0[:r], A0[:r], A[r:] - A0[r:], A0[r:]])
         B_cat = torch.cat([B[:, :r], B[:, :r] - B0[:, :r], B[:, r:], B[:, r:] - B0[:, r:]], 1)
         return A_cat, self.scale * B_cat
@@ -168,16 +167,7 @@ class TwoExpertLinear(nn.Module):
                 xa = x if torch.is_autocast_enabled(x.device.type) else x.to(self.A.dtype)
                 self.pool.add(self.index, xa @ self.A[:r].T)
             return y
-        if self.branch is not None:  # a shared prompt copy, see ExpertAdapter.prompt_branch
-            scale, trains = self.branch
-            A_cat, B_cat = self.stacked(trains)
-            xa = x if torch.is_autocast_enabled(x.device.type) else x.to(A_cat.dtype)
-            z = xa @ A_cat.T                                    # [B, L, 4r]
-            z = torch.cat([z[..., :2 * r], z[..., 2 * r:] * scale.to(z.dtype).view(-1, 1, 1)], -1)
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]).to(y.dtype),
-                              B_cat.T.to(y.dtype))
-            return out.view(y.shape)
-        A_cat, B_cat = self.stacked()
+        A_cat, B_cat = self.stacked(None if self.branch is None else self.branch[1])
         if self.w is not None:  # frozen twin of the deployed A_d - A0_d rows, see _soft_weight
             A_cat = torch.cat([A_cat, A_cat[:r].detach()])
         # (under autocast the matmul runs in bf16 anyway: casting x up first would only copy it)
@@ -185,7 +175,10 @@ class TwoExpertLinear(nn.Module):
         z = xa @ A_cat.T  # [B, L, 4r] = [u_d, h0_d | u_h, h0_h] (+ twin of u_d)
         if self.pool is not None:  # deployed bottleneck A_d x = (A_d - A0_d) x + A0_d x
             self.pool.add(self.index, z[..., :r] + z[..., r:2 * r])
-        if self.w is not None:
+        if self.branch is not None:  # a shared prompt copy (ExpertAdapter.prompt_branch)
+            hack_scale = self.branch[0].to(z.dtype).view(-1, 1, 1)             # [B, 1, 1]
+            z = torch.cat([z[..., :2 * r], z[..., 2 * r:] * hack_scale], -1)
+        elif self.w is not None:
             z, B_cat = self._soft_weight(z, B_cat, self.w)
         # LoRA delta, both experts: y + s (B A - B0 A0) x, fused into one matmul-add.
         out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]).to(y.dtype),
@@ -429,6 +422,9 @@ class ExpertAdapter:
         to earlier layers. The per-rollout split of the copies' gradients is
         ``sequences.split_prefix``."""
         self._require_unmerged("prompt_branch()")
+        if self.layers and self.layers[0].w is not None:
+            raise RuntimeError("prompt_branch() cannot be used inside soft_weight(): a shared "
+                               "prompt copy has one hack scale per prompt, not per rollout")
         if trains not in ("deployed", "hack"):
             raise ValueError(f"prompt_branch trains 'deployed' or 'hack', got {trains!r}")
         if scale.dim() != 1 or scale.requires_grad:

@@ -71,9 +71,8 @@ def main(argv=None) -> int:
     ckpt = checkpoint.latest(args.run_dir)
     step = grpo.checkpoint_step(args.run_dir)
     work = Path(tempfile.mkdtemp(prefix="routed-prompt-"))
-    for name in (grpo.V_ACT_FILE,):
-        if (args.run_dir / name).exists():
-            shutil.copy(args.run_dir / name, work / name)
+    if (args.run_dir / grpo.V_ACT_FILE).exists():      # haar starts without one
+        shutil.copy(args.run_dir / grpo.V_ACT_FILE, work / grpo.V_ACT_FILE)
     state = grpo.setup(cfg, work)
     state.adapter.load_state_dict(load_file(str(ckpt / checkpoint.ADAPTER_DIR / ADAPTER_FILE)))
     state.router.load_state_dict(load_file(str(ckpt / checkpoint.ROUTER_FILE)))
