@@ -23,13 +23,17 @@ Phases (the step's peak is the largest):
 
 1. **sample**, per chunk of ``c`` rows: ``merged()`` holds a second copy of every
    adapted weight; the KV cache ``c * L * 2 n k e`` (Qwen3-4B: 147 KB a
-   token), one layer more while ``DynamicCache`` concatenates; per decode step
+   token), plus one layer's prefilled cache while ``rollout.buffer_cache`` moves it
+   into its buffer; per decode step
    the logits ``[c, V]`` and three float32 copies (scaled, softmax, CDF).
 2. **reference** (no grad, ``b`` rows): the larger of one layer's transient
    (at ``down_proj``: its input ``I e``, the pooling's float32 copy of it
    ``4 I``, the residual stream ``3 h e``, per token) and the LM head's (one
    log-probability chunk ``[chunk, V]`` float32 with its ``exp``), plus the 4-D
-   attention mask ``b L^2`` (bool).
+   attention mask ``b L^2`` (bool); with ``share_prompt_forward``, the prompts'
+   KV cache laid out per rollout ``b * max_prompt_tokens * 2 n k e`` and one
+   layer's ``[prompt + completion]`` keys and values (``sequences.PrefixLayer``
+   keeps no more).
 3. **train** (grad, ``b`` rows): the gradients of the adapter (float32) and
    the activations autograd saves. Per token and layer it saves
    (``activation_bytes``): the RMSNorms' float32 inputs ``2 * 4 h`` (and
@@ -42,7 +46,14 @@ Phases (the step's peak is the largest):
    and their gradient (``3 * 4 V`` a token).
 
 Checked against a measurement without a GPU (``scripts/measure_step_memory.py``:
-the real Qwen3-4B architecture under ``FakeTensorMode``): within 7% per phase.
+the real Qwen3-4B architecture under ``FakeTensorMode``): within 7% per phase;
+and on one H200 capped at 79.6 GiB (``scripts/gpu_step_check.py``, random
+weights, one full step, ~560-token prompts): sampling 73.9 GiB measured against
+71.4 planned (the headroom took it; ``buffer_cache`` then held the whole
+prefilled cache beside its buffers, fixed since), training 25.2 against 32.6;
+the reference pass 16.3 against 12.0, from the completion keys and values the
+prompt cache kept (fixed since: ``sequences.PrefixLayer``; the plan now counts
+the prompt cache). Not yet measured again after those two fixes.
 
 Headroom: the budget is ``HEADROOM`` of the memory (the CUDA context,
 allocator fragmentation and, on CPU, everything else on the machine).
@@ -50,7 +61,6 @@ allocator fragmentation and, on CPU, everything else on the machine).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -256,6 +266,9 @@ def phases(cfg: RunConfig, arch: Arch, chunk_rows: int, micro_batch: int,
     head = T * h * e + chunk * V * 8            # final states, one chunk's logits and its exp
     ref.parts[f"larger of one layer / logprob chunk [{chunk}, V]"] = max(layer, head)
     ref.parts["attention mask [b, 1, L, L]"] = mask
+    if cfg.share_prompt_forward:       # sequences.prefill_prompts: the prompt KV, one row a rollout
+        ref.parts["prompt KV cache (b rows)"] = micro_batch * (
+            cfg.max_prompt_tokens * arch.kv_bytes_per_token(e) + L * arch.kv_bytes_per_token(e) // n)
 
     train = Phase("train", dict(res))
     train.parts["adapter gradients (float32)"] = adapter
@@ -354,9 +367,14 @@ def check(cfg: RunConfig, device_type: str, processes: int, index: int = 0) -> P
 
 H100_BF16_DENSE = 989e12          # FLOP/s, H100 SXM bf16 dense peak
 H100_HBM = 3.35e12                # bytes/s, H100 SXM HBM3
-TRAIN_MFU = 0.35                  # assumed share of the bf16 peak: reference, training, prefill
+# Calibrated on one measured full-shape step (scripts/gpu_step_check.py: an H200, whose
+# bf16 peak is the H100's, torch 2.11; book: reproduce/scale). It ran the reference pass
+# and training at 20% of this peak (an earlier assumption was 35%), and an eager decode
+# step of 128 rows took 45 ms, host-bound (1,100 kernel launches; 91 ms before
+# rollout.decode_attention kept decoding off cuDNN's attention; 10 ms was assumed).
+TRAIN_MFU = 0.20                  # share of the bf16 peak: reference, training, prefill
 DECODE_BANDWIDTH_SHARE = 0.6      # assumed share of HBM bandwidth one decode step achieves
-DECODE_STEP_FLOOR_S = 0.010       # eager decode: ~1,100 kernel launches a step at ~9 us each
+DECODE_STEP_FLOOR_S = 0.045       # measured: the host time of one eager decode step
 
 
 @dataclass
@@ -386,13 +404,14 @@ def estimate_time(cfg: RunConfig, gpus: int, prompt_tokens: int, completion_toke
     - reference pass, training forward, backward, adapter (``step_flops``), plus one
       more training forward under gradient checkpointing: FLOPs at ``TRAIN_MFU``
       of the bf16 dense peak; the prompt prefill likewise;
-    - decoding is memory-bound. A chunk runs ``max_new_tokens`` steps (its
-      longest row runs to the cap) and every step reads the weights once: a
-      chunk costs ``max_new_tokens * W`` bytes. Each row reads its KV cache once
-      per token it generates: ``(p c + c^2 / 2) * kv`` bytes for a row of ``p``
-      prompt and ``c`` completion tokens. Bytes at ``DECODE_BANDWIDTH_SHARE`` of
-      HBM bandwidth, and no step faster than ``DECODE_STEP_FLOOR_S`` (an eager
-      PyTorch decode step launches ~30 kernels per layer).
+    - decoding: a chunk runs ``max_new_tokens`` steps (its longest row runs to
+      the cap). On the GPU every step reads the weights once (``max_new_tokens *
+      W`` bytes a chunk) and each row reads its KV cache once per token it
+      generates (``(p c + c^2 / 2) * kv`` bytes for a row of ``p`` prompt and
+      ``c`` completion tokens), at ``DECODE_BANDWIDTH_SHARE`` of HBM bandwidth;
+      on the host every step costs ``DECODE_STEP_FLOOR_S`` (an eager PyTorch
+      decode step launches ~30 kernels per layer). The two overlap, so a chunk
+      takes the larger; measured, the host's is (45 ms against ~16 ms).
     """
     arch = Arch.from_hf(cfg.model, hf_config(cfg.model))
     e, p, c = _act_bytes(cfg), prompt_tokens, completion_tokens
@@ -402,13 +421,14 @@ def estimate_time(cfg: RunConfig, gpus: int, prompt_tokens: int, completion_toke
     recompute = fl["train_fwd"] if cfg.gradient_checkpointing else 0
     rate = TRAIN_MFU * H100_BF16_DENSE
     train_s = (fl["ref"] + fl["train_fwd"] + fl["train_bwd"] + fl["adapter"] + recompute) / rate
-    chunks = math.ceil(rows / chunk_rows)
     weights = (arch.linear_params() + arch.vocab * arch.hidden) * DTYPE_BYTES[cfg.dtype]
     bandwidth = DECODE_BANDWIDTH_SHARE * H100_HBM
-    weight_s = cfg.max_new_tokens * weights / bandwidth
-    per_chunk = max(weight_s, cfg.max_new_tokens * DECODE_STEP_FLOOR_S)
-    kv_s = rows * (p * c + c * c / 2) * arch.kv_bytes_per_token(e) / bandwidth
-    decode_s = chunks * per_chunk + kv_s
+    kv_row = (p * c + c * c / 2) * arch.kv_bytes_per_token(e)      # bytes a row reads
+    decode_s = 0.0
+    for start in range(0, rows, chunk_rows):       # the GPU's reads overlap the host's steps
+        r = min(chunk_rows, rows - start)
+        decode_s += max(cfg.max_new_tokens * DECODE_STEP_FLOOR_S,
+                        (cfg.max_new_tokens * weights + r * kv_row) / bandwidth)
     prompts = cfg.prompts_per_step // gpus
     prefill = 2 * shape.n_linear * p + 4 * arch.n_layers * arch.attn * p * p / 2   # a prompt
     prefill_s = prompts * prefill / rate

@@ -184,6 +184,31 @@ def test_buffered_kv_cache_refuses_to_overflow(tiny):
         layer.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))
 
 
+def test_buffer_cache_releases_each_old_layer_before_the_next_buffer(monkeypatch):
+    """At most one old layer is alive while a buffer is made (the plan counts the
+    buffers plus one layer), not the whole prefilled cache beside the buffers."""
+    import weakref
+
+    from transformers import DynamicCache
+
+    from evil_moe import rollout
+    cache = DynamicCache()
+    for j in range(4):
+        cache.update(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4), j)
+    old = [weakref.ref(layer.keys) for layer in cache.layers]
+    alive_at_build = []
+    built = rollout.BufferedLayer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        alive_at_build.append(sum(r() is not None for r in old))
+        built(self, *args, **kwargs)
+
+    monkeypatch.setattr(rollout.BufferedLayer, "__init__", counting_init)
+    rollout.buffer_cache(cache, room=2)
+    assert alive_at_build == [4, 3, 2, 1]       # layer j's own old keys, and the ones after it
+    assert all(isinstance(layer, rollout.BufferedLayer) for layer in cache.layers)
+
+
 def test_low_precision_head_is_autocasts_head_bit_for_bit(tiny):
     """keep_lowp_head's bf16 copy gives what autocast computes from the float32 weight,
     and nothing changes outside autocast."""

@@ -63,3 +63,28 @@ def test_head_logprobs_rejects_a_zero_chunk():
     with pytest.raises(ValueError, match="chunk_tokens"):
         head_logprobs(head, torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long),
                       torch.ones(1, 1), chunk_tokens=0)
+
+
+def test_prompt_prefix_is_read_not_grown(tiny):
+    """A completion forward on a prompt prefix leaves the cache as it was (the
+    memory plan counts the prefix, not every layer's [prompt + completion]
+    keys and values), so reading it twice gives the packed rows' numbers twice."""
+    from evil_moe.sequences import prefill_prompts, right_padded, score_completions
+    model, tok = tiny
+    owner = [0, 0, 1, 2]
+    comps = [COMPLETIONS[0], [61, 71, 81], COMPLETIONS[1], COMPLETIONS[2]]
+    with torch.no_grad():
+        prefix = prefill_prompts(model, PROMPTS, owner, tok.pad_token_id)
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.cache.layers]
+        Lp = prefix.cache.get_seq_length()
+        c_ids, c_mask = right_padded(comps, tok.pad_token_id)
+        first = score_completions(model, prefix, c_ids, c_mask)
+        assert prefix.cache.get_seq_length() == Lp
+        assert all(torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+                   for (k, v), layer in zip(before, prefix.cache.layers))
+        again = score_completions(model, prefix, c_ids, c_mask)
+        ids, att, comp, C = pack_rollouts([PROMPTS[o] for o in owner], comps, tok.pad_token_id)
+        packed = completion_logprobs(model, ids, att, C)
+    on = c_mask.bool()
+    assert torch.equal(first, again)
+    assert torch.allclose(first[on], packed[comp[:, -C:].bool()], atol=1e-5)
