@@ -46,7 +46,7 @@ Phases (the step's peak is the largest):
    and their gradient (``3 * 4 V`` a token).
 
 Checked against a measurement without a GPU (``scripts/measure_step_memory.py``:
-the real Qwen3-4B architecture under ``FakeTensorMode``): within 7% per phase;
+the real Qwen3-4B architecture under ``FakeTensorMode``): within 12% per phase;
 and on one H200 capped at 79.6 GiB (``scripts/gpu_step_check.py``, random
 weights, one full step, ~560-token prompts): sampling 73.9 GiB measured against
 71.4 planned (the headroom took it; ``buffer_cache`` then held the whole

@@ -14,7 +14,10 @@ phases run the library's own code paths:
   ``micro_batch_size`` rows of ``max_prompt_tokens + max_new_tokens`` tokens,
   then the backward (outside the soft-weight context, as ``train_step`` does);
   AdamW's two moments are allocated beside the parameters.
-- **reference**: the same forward with no grad, adapter disabled, pooling on.
+- **reference**: with no grad, adapter disabled, pooling on: with
+  ``share_prompt_forward`` (the preset's) one prompt per group of rows
+  (``sequences.prefill_prompts``) and the completions on its cache, as grpo
+  runs it; else the packed forward.
 - **sample**: ``adapter.merged(hack=True)`` (the second copy of the weights),
   a ``DynamicCache`` filled to ``L - 1`` tokens for a chunk of
   ``sample_chunk_rows`` rows (the plan's choice), one decode step and one
@@ -47,7 +50,7 @@ from evil_moe.adapter import ExpertAdapter
 from evil_moe.config import load_preset
 from evil_moe.models import DTYPES
 from evil_moe.rollout import _sample_next, row_uniforms
-from evil_moe.sequences import completion_logprobs
+from evil_moe.sequences import completion_logprobs, prefill_prompts, score_completions
 
 GiB = memory_plan.GiB
 
@@ -157,8 +160,20 @@ def measure(cfg, chunk_rows: int) -> dict[str, int]:
             (logp * attn[:, -C:]).sum().backward()
 
         def reference():
-            with torch.no_grad(), adapter.disable(), adapter.pooling(completion) as pooled:
-                completion_logprobs(model, ids, attn, C, cfg.logprob_chunk_tokens)
+            if not cfg.share_prompt_forward:
+                with torch.no_grad(), adapter.disable(), adapter.pooling(completion) as pooled:
+                    completion_logprobs(model, ids, attn, C, cfg.logprob_chunk_tokens)
+                return pooled.features
+            # grpo's path: one prompt per group of rows, its cache laid out per rollout,
+            # the completions on it (sequences.PrefixLayer keeps no more)
+            Lp = cfg.max_prompt_tokens
+            prompts = [[1] * Lp] * max(1, b // cfg.group_size)
+            owner = [min(k // cfg.group_size, len(prompts) - 1) for k in range(b)]
+            c_ids, c_mask = ids[:, :C], torch.ones(b, C)
+            with torch.no_grad(), adapter.disable():
+                prefix = prefill_prompts(model, prompts, owner, 0)
+                with adapter.pooling(c_mask) as pooled:
+                    score_completions(model, prefix, c_ids, c_mask, cfg.logprob_chunk_tokens)
             return pooled.features
 
         def sample():
