@@ -251,7 +251,8 @@ def phases(cfg: RunConfig, arch: Arch, chunk_rows: int, micro_batch: int,
     h, i = arch.hidden, arch.intermediate
     res = _resident(cfg, arch)
     adapter = res["adapter A, B (float32)"]
-    kv = chunk_rows * L * arch.kv_bytes_per_token(e)
+    kv_token = arch.kv_bytes_per_token(e)          # all layers' keys and values, a token
+    kv = chunk_rows * L * kv_token
     sample = Phase("sample", dict(res))
     sample.parts["merged weight copies"] = arch.linear_params() * (
         DTYPE_BYTES[cfg.dtype] + (2 if "bf16 copy of the wrapped weights" in res else 0))
@@ -268,7 +269,7 @@ def phases(cfg: RunConfig, arch: Arch, chunk_rows: int, micro_batch: int,
     ref.parts["attention mask [b, 1, L, L]"] = mask
     if cfg.share_prompt_forward:       # sequences.prefill_prompts: the prompt KV, one row a rollout
         ref.parts["prompt KV cache (b rows)"] = micro_batch * (
-            cfg.max_prompt_tokens * arch.kv_bytes_per_token(e) + L * arch.kv_bytes_per_token(e) // n)
+            cfg.max_prompt_tokens * kv_token + L * kv_token // n)
 
     train = Phase("train", dict(res))
     train.parts["adapter gradients (float32)"] = adapter

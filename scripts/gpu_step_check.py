@@ -113,36 +113,36 @@ def _model(tiny: bool, device: torch.device, vocab: int):
 
 
 def decode_profile(state, cfg, out: Path, report: dict, chunk_rows: int,
-                   args_fast: bool = False) -> None:
-    """Where a sampling step's time goes: per-token cost at two chunk sizes and two
-    cache lengths (flat in both = launch- or host-bound, growing = bandwidth-bound),
-    and a torch.profiler table of a short decode."""
+                   one_chunk: bool = False) -> None:
+    """Where a sampling step's time goes: per-token cost at two chunk sizes (only the
+    plan's with ``one_chunk``) and two cache lengths (flat in both = launch- or
+    host-bound, growing = bandwidth-bound), and a torch.profiler table of a short decode."""
     from torch.profiler import ProfilerActivity, profile
     model, tok, adapter = state.model, state.tokenizer, state.adapter
     prompts = state.prompts[:cfg.prompts_per_step]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    rows_of = {}
 
-    def timed(rows: int, new_tokens: int) -> float:
-        n = max(1, rows // len(prompts))
+    def timed(rows: int, new_tokens: int) -> tuple[float, int]:
+        """Seconds to decode ``new_tokens`` for about ``rows`` rows, and the rows decoded."""
+        n = max(1, rows // len(prompts))                   # samples per prompt
+        used = prompts[:max(1, rows // n)]
         sync()
         t0 = time.perf_counter()
         with adapter.merged(hack=True):
-            s = rollout.sample(model, tok, prompts[:max(1, rows // n)], n,
-                               max_new_tokens=new_tokens, autocast_bf16=cfg.bf16_autocast)
+            rollout.sample(model, tok, used, n, max_new_tokens=new_tokens,
+                           autocast_bf16=cfg.bf16_autocast)
         sync()
-        rows_of[rows] = len(prompts[:max(1, rows // n)]) * n
-        return (time.perf_counter() - t0), s.new_tokens
+        return time.perf_counter() - t0, len(used) * n
 
     timed(16, 4)                                           # warm-up
     rows_big = (chunk_rows // cfg.group_size) * cfg.group_size or cfg.group_size
     table = {}
-    for rows in (rows_big, max(cfg.group_size, rows_big // 2))[:1 if args_fast else 2]:
-        t_short, _ = timed(rows, 16)
+    for rows in (rows_big, max(cfg.group_size, rows_big // 2))[:1 if one_chunk else 2]:
+        t_short, decoded = timed(rows, 16)
         t_long, _ = timed(rows, 272)
-        table[rows_of[rows]] = {"s_per_token_marginal": (t_long - t_short) / 256,
-                                "t_16_s": t_short, "t_272_s": t_long}
-        print(f"decode: {rows_of[rows]} rows, 16 tokens {t_short:.2f} s, 272 tokens "
+        table[decoded] = {"s_per_token_marginal": (t_long - t_short) / 256,
+                          "t_16_s": t_short, "t_272_s": t_long}
+        print(f"decode: {decoded} rows, 16 tokens {t_short:.2f} s, 272 tokens "
               f"{t_long:.2f} s: {(t_long - t_short) / 256 * 1e3:.1f} ms a token (marginal)",
               flush=True)
     report["decode"] = table
