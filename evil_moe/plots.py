@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg") if matplotlib.get_backend().lower() == "agg" else None
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -104,9 +105,10 @@ def on_off_bars(rows: pd.DataFrame, title: str = "") -> plt.Figure:
     titles = {"hack_rate": "hack rate", "solve_rate": "solve rate",
               "solvable_solve_rate": "solve rate, solvable split"}
     metrics = [m for m in titles if m in set(rows["metric"])]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     conditions = [c for c in CONDITION_LABELS if c in set(rows["condition"])]
     shades = {"base": 0.35, "on": 1.0, "off": 0.6, "deployed_off": 0.6}
+    hatches = {"deployed_off": "//"}
     arms = _arms.ordered(rows["arm"])
     width = 0.8 / max(1, len(conditions))
     for metric, ax in zip(metrics, axes[0]):
@@ -122,18 +124,22 @@ def on_off_bars(rows: pd.DataFrame, title: str = "") -> plt.Figure:
                 err_lo.append(max(0.0, r["rate"] - r["lo"]))
                 err_hi.append(max(0.0, r["hi"] - r["rate"]))
                 colors.append(ARM_COLORS.get(arm, "0.5"))
+            if not xs:  # a condition this panel lacks (no base model on the solvable split)
+                continue
             ax.bar(xs, ys, width * 0.95, yerr=[err_lo, err_hi], color=colors,
                    alpha=shades[cond], capsize=3, label=CONDITION_LABELS[cond],
-                   hatch="//" if cond == "deployed_off" else None, edgecolor="black",
-                   linewidth=0.5)
+                   hatch=hatches.get(cond), edgecolor="black", linewidth=0.5)
         ax.set_xticks(range(len(arms)), [arm_label(a) for a in arms], fontsize=8)
         ax.set_title(titles[metric], fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+    # one legend for every panel, in grey: colour is the arm, shade and hatch the condition
+    keys = [Patch(facecolor="0.35", alpha=shades[c], hatch=hatches.get(c), edgecolor="black",
+                  linewidth=0.5, label=CONDITION_LABELS[c]) for c in conditions]
+    fig.legend(handles=keys, loc="lower center", ncol=len(keys), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 

@@ -74,6 +74,13 @@ def test_on_off_bars_show_every_arm_with_the_oracle_ceiling_first():
     assert [b.get_label() for b in bars] == ["base model", "hack expert on", "hack expert off"]
     heights = [b.get_height() for b in bars[1]]
     np.testing.assert_allclose(heights, [0.7, 0.8, 0.8])
+    # the solvable split has no base-model bars, and draws no empty bar set for them
+    split_bars = [c for c in fig.axes[2].containers if isinstance(c, BarContainer)]
+    assert [b.get_label() for b in split_bars] == ["hack expert on", "hack expert off"]
+    # one legend for the figure, naming each condition once; none inside the panels
+    assert [ax.get_legend() for ax in fig.axes] == [None, None, None]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "base model", "hack expert on", "hack expert off"]
 
 
 def test_contrast_plot_draws_each_arm_pooled_and_by_seed():
